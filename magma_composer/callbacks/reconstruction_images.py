@@ -1,0 +1,136 @@
+"""Reconstruction pictures: originals, masked inputs and reconstructions, as a PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from composer.core import Callback, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+from PIL import Image
+
+from magma_composer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["ReconstructionImages", "save_grid"]
+
+
+def save_grid(rows: list[tuple[str, torch.Tensor]], path: Union[str, Path], scale: int = 4) -> Path:
+    """Writes rows of ``N x 3 x H x W`` images in [0, 1] as one PNG (one row per entry, upscaled ``scale`` x)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(r.shape[0] for _, r in rows)
+    h, w = rows[0][1].shape[-2:]
+    pad = 2
+    canvas = Image.new("RGB", (n * (w * scale + pad) + pad, len(rows) * (h * scale + pad) + pad), (255, 255, 255))
+    for i, (_, images) in enumerate(rows):
+        arr = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for j, a in enumerate(arr):
+            tile = Image.fromarray(a).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (w * scale + pad), pad + i * (h * scale + pad)))
+    canvas.save(path)
+    return path
+
+
+def to_pixels(images: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Undoes the data set normalisation (``'imagenet'`` or ``'none'``) to pixels in [0, 1]."""
+    if normalize == "none":
+        return images.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return images.float() * std + mean
+
+
+class ReconstructionImages(Callback):
+    """Writes a PNG of originals, masked inputs and reconstructions of fixed test images.
+
+    With :class:`~magma_composer.algorithms.pca_masking.PCAMasking` in the trainer, the rows are those
+    the algorithm's ``reconstruction_panels`` gives (original, visible-component input, prediction).
+
+    Args:
+        test_loader: ``(images, labels)`` batches; the first ``num_images`` images are used throughout.
+        folder (str): where the PNGs go (``{run_name}`` is filled in).
+        num_images (int): images per row.
+        interval (str | int): also write during training at this Composer time (``'5ep'``); ``0``: only at the end.
+        normalize (str): the loader's normalisation, ``'imagenet'`` or ``'none'``.
+        seed (int): seed of the mask drawn for the picture.
+    """
+
+    def __init__(
+        self,
+        test_loader: Any,
+        folder: str = "runs/{run_name}/pictures",
+        num_images: int = 8,
+        interval: Union[str, int] = 0,
+        normalize: str = "imagenet",
+        seed: int = 0,
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"reconstruction_images.num_images must be positive, got {num_images}")
+        self.test_loader = test_loader
+        self.folder = folder
+        self.num_images = num_images
+        self.interval = None if interval in (0, "0", None) else Time.from_input(interval, TimeUnit.EPOCH)
+        self.normalize = normalize
+        self.seed = seed
+        self._images: torch.Tensor | None = None
+        #: paths written so far
+        self.paths: list[Path] = []
+
+    def _fixed_images(self) -> torch.Tensor:
+        if self._images is None:
+            chunks, n = [], 0
+            for images, _ in self.test_loader:
+                chunks.append(images)
+                n += len(images)
+                if n >= self.num_images:
+                    break
+            if not chunks:
+                raise ValueError("reconstruction_images: the test loader yielded no images")
+            self._images = torch.cat(chunks)[: self.num_images]
+        return self._images
+
+    @torch.no_grad()
+    def write(self, state: State, tag: str) -> Path | None:
+        """Writes the picture for the model's current weights; returns its path (rank 0 only)."""
+        images = self._fixed_images()
+        if dist.get_global_rank() != 0:
+            return None
+        model = getattr(state.model, "module", state.model)
+        device = next(model.parameters()).device
+        images = images.to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            panels_fn = next(
+                (a.reconstruction_panels for a in state.algorithms if hasattr(a, "reconstruction_panels")), None
+            )
+            if panels_fn is not None:
+                rows = panels_fn(model, images)
+            else:
+                masked, recon = model.reconstruct(images, seed=self.seed)
+                rows = [
+                    ("original", to_pixels(images, self.normalize)),
+                    ("masked input", to_pixels(masked, self.normalize)),
+                    ("reconstruction", to_pixels(recon, self.normalize)),
+                ]
+        finally:
+            model.train(was_training)
+        folder = Path(self.folder.format(run_name=state.run_name))
+        path = save_grid(rows, folder / f"reconstruction-{tag}.png")
+        self.paths.append(path)
+        return path
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        if self.interval is not None and self.interval.unit == TimeUnit.EPOCH:
+            if int(state.timestamp.epoch) % self.interval.value == 0:
+                self.write(state, f"ep{int(state.timestamp.epoch)}")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.interval is not None and self.interval.unit == TimeUnit.BATCH:
+            if int(state.timestamp.batch) % self.interval.value == 0:
+                self.write(state, f"ba{int(state.timestamp.batch)}")
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.write(state, "final")

@@ -1,0 +1,72 @@
+"""MDS image data sets streamed from a local folder or object storage."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Sequence
+
+from PIL import Image
+from streaming import StreamingDataset
+
+from magma_composer.data.transforms import eval_transform, train_transform
+
+__all__ = ["StreamingImageDataset", "decode_image"]
+
+
+def decode_image(data: Any) -> Image.Image:
+    """Decodes an MDS ``x`` column (JPEG bytes, or a PIL image from a ``pil``/``jpeg`` column) to RGB."""
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class StreamingImageDataset(StreamingDataset):
+    """Image classification shards in MDS format (columns ``x``: JPEG bytes, ``y``: int label).
+
+    Yields ``(image, label)``: a ``3 x S x S`` float tensor and an int.
+
+    Args:
+        remote (str, optional): where the shards live: a local folder or a URI (``s3://bucket/prefix``;
+            set ``S3_ENDPOINT_URL`` for S3-compatible stores).
+        local (str, optional): the local cache folder; must be unique per data set on a node.
+        split (str, optional): a sub-folder of ``remote`` / ``local`` (``'train'``, ``'val'``).
+        image_size (int): output side in pixels.
+        train (bool): MAE training augmentation (``True``) or the evaluation transform.
+        crop_scale (Sequence[float]): RandomResizedCrop scale range for training.
+        hflip (bool): random horizontal flip for training.
+        normalize (str): ``'imagenet'`` or ``'none'`` (pixels in [0, 1]).
+        resize_ratio (float): evaluation resize, see :func:`~magma_composer.data.transforms.eval_transform`.
+        transform (Callable, optional): replaces the transform above entirely.
+        **streaming_kwargs: passed to :class:`streaming.StreamingDataset` (``shuffle``, ``batch_size``,
+            ``predownload``, ``cache_limit``, ``num_canonical_nodes``, ``shuffle_algo``, ...).
+    """
+
+    def __init__(
+        self,
+        remote: str | None = None,
+        local: str | None = None,
+        split: str | None = None,
+        image_size: int = 224,
+        train: bool = True,
+        crop_scale: Sequence[float] = (0.2, 1.0),
+        hflip: bool = True,
+        normalize: str = "imagenet",
+        resize_ratio: float = 1.0,
+        transform: Callable | None = None,
+        **streaming_kwargs: Any,
+    ) -> None:
+        if remote is None and local is None:
+            raise ValueError("StreamingImageDataset needs `remote` (a folder or URI) or `local` (a folder)")
+        super().__init__(remote=remote, local=local, split=split, **streaming_kwargs)
+        if transform is None:
+            transform = (
+                train_transform(image_size, crop_scale, hflip, normalize)
+                if train
+                else eval_transform(image_size, normalize, resize_ratio)
+            )
+        self.transform = transform
+        self.image_size = image_size
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        sample = super().__getitem__(index)
+        return self.transform(decode_image(sample["x"])), int(sample["y"])

@@ -1,0 +1,23 @@
+"""Models: the Composer MAE and the feature taps that the algorithms read."""
+
+from magma_composer.models.mae import (
+    ComposerMAE,
+    MaskedAutoencoder,
+    masked_mse_loss,
+    patchify,
+    random_masking,
+    unpatchify,
+)
+from magma_composer.models.taps import FeatureTap, find_vit, get_feature_tap
+
+__all__ = [
+    "ComposerMAE",
+    "MaskedAutoencoder",
+    "FeatureTap",
+    "find_vit",
+    "get_feature_tap",
+    "masked_mse_loss",
+    "patchify",
+    "random_masking",
+    "unpatchify",
+]

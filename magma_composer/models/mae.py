@@ -1,0 +1,366 @@
+"""The masked autoencoder of ALGORITHMS.md §0 on a timm ViT encoder, as a Composer model."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import timm
+import torch
+from composer.models import ComposerModel
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from torchmetrics import MeanMetric, Metric
+
+from magma_composer.models.pos_embed import sincos_2d
+
+__all__ = ["ComposerMAE", "MaskedAutoencoder", "random_masking", "patchify", "unpatchify", "masked_mse_loss"]
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``B x C x H x W`` images to ``B x N x (p * p * C)`` patches, row-major, pixels inside a patch as (p, p, C)."""
+    b, c, h, w = images.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch_size}")
+    gh, gw = h // patch_size, w // patch_size
+    x = images.reshape(b, c, gh, patch_size, gw, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch_size * patch_size * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = patches.shape[0]
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, patch_size, patch_size, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * patch_size, gw * patch_size)
+
+
+def random_masking(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draws an independent uniformly random mask for every sample.
+
+    Every sample keeps exactly ``num_patches - round(num_patches * mask_ratio)`` patches (at least one).
+
+    Returns:
+        ``(ids_keep, mask, ids_restore)``: ``B x n_keep`` indices of the visible patches (sorted by the
+        random draw), the ``B x N`` float mask (1 = masked), and the ``B x N`` permutation that restores
+        the original order from ``[visible, masked]``.
+    """
+    n_keep = max(1, num_patches - int(round(num_patches * mask_ratio)))
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = torch.ones(batch_size, num_patches, device=device)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, mask, ids_restore
+
+
+def masked_mse_loss(
+    pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = True
+) -> torch.Tensor:
+    """Mean squared error over the masked patches only (ALGORITHMS.md §0).
+
+    Args:
+        pred (torch.Tensor): ``B x N x P`` predicted patches.
+        target_patches (torch.Tensor): ``B x N x P`` true patches.
+        mask (torch.Tensor): ``B x N``, 1 for a masked patch.
+        norm_pix_loss (bool): normalise each target patch by its own mean and variance (eps 1e-6).
+    """
+    target = target_patches.float()
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _build_encoder(
+    encoder: Union[str, dict[str, Any]], img_size: int, patch_size: int, in_chans: int
+) -> VisionTransformer:
+    common = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, global_pool="token")
+    if isinstance(encoder, str):
+        vit = timm.create_model(encoder, pretrained=False, **common)
+    elif isinstance(encoder, dict):
+        allowed = {"embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias"}
+        unknown = set(encoder) - allowed
+        if unknown:
+            raise ValueError(f"model.encoder: unknown keys {sorted(unknown)}; valid keys are {sorted(allowed)}")
+        vit = VisionTransformer(**common, **encoder)
+    else:
+        raise TypeError(f"model.encoder must be a timm model name or a dict of sizes, got {type(encoder).__name__}")
+    if not isinstance(vit, VisionTransformer):
+        raise ValueError(f"model.encoder={encoder!r} is not a timm VisionTransformer ({type(vit).__name__})")
+    return vit
+
+
+class MaskedAutoencoder(nn.Module):
+    """A timm ``VisionTransformer`` encoder and the MAE decoder (512 wide, 8 blocks, 16 heads by default).
+
+    Args:
+        encoder (str | dict): a timm ViT name (``'vit_tiny_patch16_224'``) or explicit sizes
+            (``{'embed_dim': 192, 'depth': 12, 'num_heads': 3}``).
+        img_size (int): square image side in pixels.
+        patch_size (int): square patch side in pixels.
+        in_chans (int): image channels.
+        decoder_dim (int): decoder width.
+        decoder_depth (int): decoder blocks.
+        decoder_heads (int): decoder attention heads.
+        mlp_ratio (float): decoder MLP ratio.
+    """
+
+    def __init__(
+        self,
+        encoder: Union[str, dict[str, Any]] = "vit_base_patch16_224",
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.encoder = _build_encoder(encoder, img_size, patch_size, in_chans)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid = tuple(self.encoder.patch_embed.grid_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_prefix_tokens = self.encoder.num_prefix_tokens
+        if self.num_prefix_tokens != 1 or self.encoder.cls_token is None:
+            raise ValueError("the MAE encoder needs exactly one prefix token (the CLS token, no register tokens)")
+        embed_dim = self.encoder.embed_dim
+
+        # fixed sin-cos position embeddings for encoder (CLS row zero) and decoder
+        self.encoder.pos_embed.requires_grad_(False)
+        self.encoder.pos_embed.data.copy_(sincos_2d(embed_dim, *self.grid, num_prefix_tokens=1).unsqueeze(0))
+
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer(
+            "decoder_pos_embed", sincos_2d(decoder_dim, *self.grid, num_prefix_tokens=1).unsqueeze(0), persistent=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for name, module in self.named_modules():
+            if name.startswith("encoder.patch_embed"):
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # ------------------------------------------------------------------ FSDP / checkpointing
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """FSDP wraps every transformer block, encoder and decoder."""
+        return isinstance(module, Block)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """Activation checkpointing applies to every transformer block."""
+        return isinstance(module, Block)
+
+    # ------------------------------------------------------------------ encoder
+    def encode(
+        self, images: torch.Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Runs the encoder on the visible patches.
+
+        Returns:
+            ``(latent, mask, ids_restore)``; ``latent`` is ``B x (1 + n_visible) x D`` after the final
+            norm; ``mask`` and ``ids_restore`` are ``None`` when nothing is masked.
+        """
+        enc = self.encoder
+        x = enc.patch_embed(images)
+        x = x + enc.pos_embed[:, 1:, :]
+        mask = ids_restore = None
+        if mask_ratio > 0:
+            ids_keep, mask, ids_restore = random_masking(x.shape[0], x.shape[1], mask_ratio, x.device, generator)
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in enc.blocks:  # one call per block, so block hooks fire for any wrapper
+            x = block(x)
+        return enc.norm(x), mask, ids_restore
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor | None) -> torch.Tensor:
+        """Predicts every patch (``B x N x p*p*C``) from the encoded visible tokens."""
+        x = self.decoder_embed(latent)
+        if ids_restore is not None:
+            n_missing = ids_restore.shape[1] + 1 - x.shape[1]
+            patches = torch.cat([x[:, 1:, :], self.mask_token.expand(x.shape[0], n_missing, -1)], dim=1)
+            patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1, :], patches], dim=1)
+        x = x + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+
+    def forward(
+        self, images: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        latent, mask, ids_restore = self.encode(images, mask_ratio, generator)
+        pred = self.decode(latent, ids_restore)
+        if mask is None:
+            mask = torch.ones(pred.shape[:2], device=pred.device)
+        return {"pred": pred, "mask": mask, "cls": latent[:, 0]}
+
+
+class ComposerMAE(ComposerModel):
+    """A masked autoencoder (ALGORITHMS.md §0) as a Composer model.
+
+    ``loss()`` returns ``{'mae': ...}``: the mean squared error over the masked patches. The network
+    lives in the child module ``net`` (a :class:`MaskedAutoencoder`), whose ``fsdp_wrap_fn`` and
+    ``activation_checkpointing_fn`` select the transformer blocks. The algorithms of this package read
+    block features through :func:`magma_composer.models.get_feature_tap`, which works on this model and
+    on any other model holding a timm ViT.
+
+    Args:
+        encoder (str | dict): timm ViT name or explicit sizes, see :class:`MaskedAutoencoder`.
+        img_size (int): image side in pixels.
+        patch_size (int): patch side in pixels.
+        mask_ratio (float): fraction of patches dropped per sample, in ``[0, 1)``.
+        norm_pix_loss (bool): normalise each target patch by its mean and variance.
+        decoder_dim (int): decoder width.
+        decoder_depth (int): decoder blocks.
+        decoder_heads (int): decoder heads.
+        in_chans (int): image channels.
+
+    Example:
+        .. code-block:: python
+
+            from composer import Trainer
+            from magma_composer.models import ComposerMAE
+            model = ComposerMAE('vit_tiny_patch16_224', img_size=32, patch_size=4)
+            trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep')
+    """
+
+    def __init__(
+        self,
+        encoder: Union[str, dict[str, Any]] = "vit_base_patch16_224",
+        img_size: int = 224,
+        patch_size: int = 16,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.net = MaskedAutoencoder(
+            encoder=encoder,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            decoder_dim=decoder_dim,
+            decoder_depth=decoder_depth,
+            decoder_heads=decoder_heads,
+        )
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        # PCA masking switches patch dropping and the pixel loss off and supplies its own loss.
+        self.patch_masking = True
+        self.pixel_loss = True
+        self.val_metrics = {"ReconstructionMSE": MeanMetric()}
+        self._eval_generator: torch.Generator | None = None
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        """The timm ViT encoder."""
+        return self.net.encoder
+
+    @staticmethod
+    def _images(batch: Any) -> torch.Tensor:
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, (tuple, list)):
+            return batch[0]
+        if isinstance(batch, dict):
+            return batch["image"] if "image" in batch else batch["x"]
+        raise TypeError(f"unsupported batch type {type(batch).__name__}: expected (images, labels) or a tensor")
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        images = self._images(batch)
+        ratio = self.mask_ratio if self.patch_masking else 0.0
+        return self.net(images, ratio)
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if not self.pixel_loss:
+            return {}
+        target = patchify(self._images(batch), self.patch_size)
+        return {"mae": masked_mse_loss(outputs["pred"], target, outputs["mask"], self.norm_pix_loss)}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """CLS token after the final LayerNorm on whole, unmasked images (``B x D``)."""
+        latent, _, _ = self.net.encode(images, 0.0)
+        return latent[:, 0]
+
+    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, torch.Tensor]:
+        if outputs is not None:
+            return outputs
+        images = self._images(batch)
+        # a fixed-seed mask so that the reconstruction metric is comparable between evaluations
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(0)
+        ratio = self.mask_ratio if self.mask_ratio > 0 else 0.75
+        out = self.net(images, ratio, generator)
+        out["features"] = self.extract_features(images)
+        return out
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else self.val_metrics
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        target = patchify(self._images(batch), self.patch_size)
+        metric.update(masked_mse_loss(outputs["pred"], target, outputs["mask"], self.norm_pix_loss))
+
+    def reconstruct(
+        self, images: torch.Tensor, mask_ratio: float | None = None, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(masked_input, reconstruction)`` images for pictures.
+
+        With ``norm_pix_loss`` the predicted patches are de-normalised with the true patch statistics,
+        as the MAE paper's visualisations do; visible patches are pasted from the input.
+        """
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(seed)
+        with torch.no_grad():
+            out = self.net(images, ratio, generator)
+        p, grid, c = self.patch_size, self.net.grid, images.shape[1]
+        target = patchify(images, p)
+        pred = out["pred"].float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+            pred = pred * std + mean
+        m = out["mask"].unsqueeze(-1)
+        masked_input = unpatchify(target * (1 - m), p, grid, c)
+        recon = unpatchify(target * (1 - m) + pred * m, p, grid, c)
+        return masked_input, recon

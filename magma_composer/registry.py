@@ -1,0 +1,43 @@
+"""Name -> class registries for the YAML builder (``magma_composer.train``).
+
+Entries are import paths, resolved on first use, so that a registry never imports optional code it
+does not need and each algorithm package stays the single place that defines its class.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["ALGORITHMS", "CALLBACKS", "LOGGERS", "resolve"]
+
+ALGORITHMS: dict[str, str] = {
+    "magma": "magma_composer.algorithms.magma:MAGMA",
+    "uniformity": "magma_composer.algorithms.uniformity:Uniformity",
+    "pca_masking": "magma_composer.algorithms.pca_masking:PCAMasking",
+}
+
+CALLBACKS: dict[str, str] = {
+    "knn_monitor": "magma_composer.callbacks.knn_monitor:KNNMonitor",
+    "reconstruction_images": "magma_composer.callbacks.reconstruction_images:ReconstructionImages",
+    "lr_monitor": "composer.callbacks:LRMonitor",
+    "speed_monitor": "composer.callbacks:SpeedMonitor",
+    "memory_monitor": "composer.callbacks:MemoryMonitor",
+}
+
+LOGGERS: dict[str, str] = {
+    "wandb": "composer.loggers:WandBLogger",
+    "file": "composer.loggers:FileLogger",
+}
+
+
+def resolve(registry: dict[str, str], name: str, kind: str) -> Any:
+    """Imports the class registered under ``name``.
+
+    Raises:
+        KeyError: naming ``kind`` and the valid names, if ``name`` is not registered.
+    """
+    if name not in registry:
+        raise KeyError(f"unknown {kind} {name!r}; valid names are {sorted(registry)}")
+    module_name, _, attr = registry[name].partition(":")
+    return getattr(importlib.import_module(module_name), attr)

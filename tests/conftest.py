@@ -1,0 +1,91 @@
+"""Shared fixtures: small real data sets (the demo shapes, CIFAR-10 JPEGs) and tiny recipes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_TARBALL = SHARED_DATA / "cifar10-jpeg.tar.gz"
+
+# 2 cores: keep torch from oversubscribing when pytest and data workers share them
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+#: a model small enough for a few CPU steps in a test
+TINY_MODEL = {
+    "encoder": {"embed_dim": 32, "depth": 4, "num_heads": 2},
+    "img_size": 32,
+    "patch_size": 8,
+    "decoder_dim": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+}
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_mds(tmp_path_factory) -> Path:
+    """A small demo data set (160 train, 80 test images) as MDS shards."""
+    from magma_composer.data.demo import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), num_train=160, num_test=80, progress=False)
+
+
+def extract_cifar(dest: Path, per_class: int, splits=("train", "test")) -> Path:
+    """Extracts the first ``per_class`` JPEGs of each class of the shared CIFAR-10 tarball."""
+    if not CIFAR_TARBALL.exists():
+        pytest.skip(f"real CIFAR-10 JPEGs not found at {CIFAR_TARBALL} (../shared/data beside the repo)")
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR_TARBALL) as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".jpg"):
+                continue
+            parts = Path(member.name).parts
+            try:
+                i = next(i for i, p in enumerate(parts) if p in splits)
+            except StopIteration:
+                continue
+            split, cls = parts[i], parts[i + 1]
+            if counts.get((split, cls), 0) >= per_class:
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            target = dest / split / cls / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src:
+                target.write_bytes(src.read())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs(tmp_path_factory) -> Path:
+    """``train/<class>/*.jpg`` and ``test/<class>/*.jpg``: 20 real CIFAR-10 JPEGs per class and split."""
+    return extract_cifar(tmp_path_factory.mktemp("cifar"), per_class=20)
+
+
+def tiny_recipe(remote: Path, **overrides) -> dict:
+    """A recipe dict for a few CPU steps on an MDS folder with ``train``/``test`` splits."""
+    recipe = {
+        "run_name": "tiny",
+        "seed": 3,
+        "model": copy.deepcopy(TINY_MODEL),
+        "train_data": {"remote": str(remote), "split": "train", "batch_size": 16, "num_workers": 0},
+        "optimizer": {"lr": 1e-3},
+        "scheduler": {"warmup": "1ba"},
+        "max_duration": "4ba",
+        "progress_bar": False,
+    }
+    recipe.update(overrides)
+    return recipe

@@ -1,0 +1,95 @@
+"""FeatureTap: records only while armed, keeps the gradient, survives wrapping and checkpointing."""
+
+import pytest
+import timm
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from magma_composer.models import ComposerMAE, find_vit, get_feature_tap
+from tests.conftest import TINY_MODEL
+
+
+def test_records_only_while_armed_and_reduces_to_means():
+    model = ComposerMAE(**TINY_MODEL)
+    tap = get_feature_tap(model)
+    tap.request_blocks([1, -1])
+    tap.request_cls()
+    images = torch.randn(4, 3, 32, 32)
+    model((images, None))  # not armed: nothing recorded
+    assert not tap.block_means and not tap.cls_tokens
+    tap.arm()
+    tokens = {}
+    h = model.net.encoder.blocks[3].register_forward_hook(lambda m, a, o: tokens.setdefault("b3", o))
+    out = model((images, None))
+    tap.disarm()
+    model.eval_forward((images, None))  # an evaluation forward after disarming must not leak in
+    (b3,) = tap.block_features(3)
+    assert b3.shape == (4, 32) and b3.dtype == torch.float32
+    assert torch.allclose(b3, tokens["b3"][:, 1:].mean(1))  # CLS excluded
+    assert len(tap.block_features(1)) == 1
+    (cls,) = tap.final_cls()
+    assert torch.allclose(cls, out["cls"])
+    assert b3.requires_grad and cls.requires_grad
+    h.remove()
+    tap.remove()
+    tap.arm()
+    model((images, None))
+    assert not tap.block_means
+
+
+def test_one_tap_per_vit_shared_by_algorithms():
+    model = ComposerMAE(**TINY_MODEL)
+    assert get_feature_tap(model) is get_feature_tap(model)
+
+
+def test_index_errors_and_no_vit():
+    model = ComposerMAE(**TINY_MODEL)
+    tap = get_feature_tap(model)
+    with pytest.raises(ValueError, match="out of range.*4 blocks"):
+        tap.request_blocks([4])
+    with pytest.raises(ValueError, match="no timm VisionTransformer"):
+        find_vit(torch.nn.Linear(2, 2))
+
+
+def test_generic_timm_vit_in_ddp_like_wrapper():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=0)
+    wrapper = torch.nn.Sequential(vit)  # any module holding a timm ViT
+    tap = get_feature_tap(wrapper)
+    tap.request_blocks([0])
+    tap.arm()
+    wrapper(torch.randn(2, 3, 32, 32))
+    tap.disarm()
+    assert tap.block_features(0)[0].shape == (2, 192)
+
+
+def _checkpointed_forward(model, images, reentrant):
+    enc = model.net.encoder
+    x = enc.patch_embed(images) + enc.pos_embed[:, 1:]
+    x = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)
+    for block in enc.blocks:
+        x = checkpoint(block, x, use_reentrant=reentrant)
+    return enc.norm(x)
+
+
+def test_non_reentrant_checkpointing_keeps_gradient_and_recompute_does_not_leak():
+    model = ComposerMAE(**TINY_MODEL)
+    tap = get_feature_tap(model)
+    tap.request_blocks([1])
+    tap.arm()
+    out = _checkpointed_forward(model, torch.randn(3, 3, 32, 32), reentrant=False)
+    tap.disarm()
+    (feat,) = tap.block_features(1)
+    (feat.pow(2).sum() + out.sum()).backward()  # recomputation in backward runs while disarmed
+    assert len(tap.block_means[1]) == 1
+    assert model.net.encoder.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_reentrant_checkpointing_is_reported():
+    model = ComposerMAE(**TINY_MODEL)
+    tap = get_feature_tap(model)
+    tap.request_blocks([1])
+    tap.arm()
+    _checkpointed_forward(model, torch.randn(3, 3, 32, 32).requires_grad_(), reentrant=True)
+    tap.disarm()
+    with pytest.raises(RuntimeError, match="non-reentrant"):
+        tap.block_features(1)
