@@ -89,7 +89,7 @@ class OptimizerConfig:
     base_lr: float | None = None
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  #: torch.optim.AdamW convention (decay lr_t * weight_decay per step), as the papers
     no_decay_norm_bias: bool = True  #: no weight decay on norms, biases, cls/mask tokens, position embeddings
 
 

@@ -124,7 +124,12 @@ _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "reg_token")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, global_batch: int) -> DecoupledAdamW:
-    """DecoupledAdamW; with ``no_decay_norm_bias`` norms, biases and tokens get no weight decay."""
+    """DecoupledAdamW; with ``no_decay_norm_bias`` norms, biases and tokens get no weight decay.
+
+    ``cfg.weight_decay`` follows ``torch.optim.AdamW`` (and the papers): each step multiplies the weights by
+    ``1 - lr_t * weight_decay``. Composer's DecoupledAdamW takes the unscaled factor, so it gets
+    ``lr * weight_decay`` (and scales it by the schedule as AdamW does).
+    """
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
     if cfg.no_decay_norm_bias:
         decay, no_decay = [], []
@@ -135,7 +140,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, global_batch: 
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     else:
         groups = [p for p in model.parameters() if p.requires_grad]
-    return DecoupledAdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return DecoupledAdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=lr * cfg.weight_decay)
 
 
 def _build_components(section: dict, reg: dict, kind: str, injected: dict) -> list:

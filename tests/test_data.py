@@ -1,0 +1,68 @@
+"""StreamingImageDataset, transforms and the demo data set."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magma_composer.data import StreamingImageDataset, eval_transform, train_transform
+from magma_composer.data.demo import CLASSES, render, write_demo_dataset
+
+
+def test_dataset_train_and_eval_views(demo_mds, tmp_path):
+    train = StreamingImageDataset(
+        local=str(demo_mds), split="train", image_size=24, train=True, normalize="none", batch_size=8
+    )
+    x, y = train[0]
+    assert x.shape == (3, 24, 24) and 0.0 <= x.min() and x.max() <= 1.0 and y == 0
+    evaluation = StreamingImageDataset(local=str(demo_mds), split="test", image_size=32, train=False, batch_size=8)
+    a, _ = evaluation[5]
+    b, _ = evaluation[5]
+    assert torch.equal(a, b)  # no augmentation: the same tensor every time
+    assert abs(float(a.mean())) < 3  # ImageNet-normalised
+    assert len(evaluation) == 80
+    labels = [evaluation[i][1] for i in range(20)]
+    assert labels == [i % 10 for i in range(20)]
+
+
+def test_dataset_needs_a_location():
+    with pytest.raises(ValueError, match="needs `remote`"):
+        StreamingImageDataset()
+
+
+def test_transform_options():
+    img = Image.new("RGB", (40, 30), (255, 0, 0))
+    assert train_transform(16, (0.5, 1.0))(img).shape == (3, 16, 16)
+    out = eval_transform(16, normalize="none")(img)
+    assert torch.allclose(out[0], torch.ones(16, 16)) and torch.allclose(out[1], torch.zeros(16, 16))
+    with pytest.raises(ValueError, match="normalize='zscore' is not valid"):
+        eval_transform(16, normalize="zscore")
+    with pytest.raises(ValueError, match="crop_scale"):
+        train_transform(16, (0.0, 1.0))
+
+
+def test_demo_is_deterministic_and_idempotent(tmp_path):
+    a = np.asarray(render(3, np.random.default_rng([0, 0, 7])))
+    b = np.asarray(render(3, np.random.default_rng([0, 0, 7])))
+    assert np.array_equal(a, b) and a.shape == (32, 32, 3)
+    out = write_demo_dataset(tmp_path / "d", num_train=20, num_test=10, progress=False)
+    index = (out / "train" / "index.json").stat().st_mtime_ns
+    write_demo_dataset(out, num_train=20, num_test=10, progress=False)  # same options: kept
+    assert (out / "train" / "index.json").stat().st_mtime_ns == index
+    assert json.loads((out / "manifest.json").read_text())["classes"] == list(CLASSES)
+
+
+def test_demo_classes_are_not_separable_by_mean_colour():
+    """The label is the shape, not the colour: mean colour carries (almost) no class information."""
+    means, labels = [], []
+    for i in range(400):
+        label = i % 10
+        means.append(np.asarray(render(label, np.random.default_rng([1, 0, i]))).reshape(-1, 3).mean(0))
+        labels.append(label)
+    means, labels = torch.tensor(np.array(means)).float(), torch.tensor(labels)
+    from magma_composer.evaluation import knn_top1
+
+    acc = knn_top1(means[:300], labels[:300], means[300:], labels[300:], k=10)[10]
+    assert acc < 35.0  # chance is 10 %
