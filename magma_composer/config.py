@@ -348,15 +348,13 @@ def validate(raw: dict) -> TrainConfig:
     return cfg
 
 
-def load_config(path: Union[str, Path], overrides: list[str] | None = None) -> TrainConfig:
-    """Reads a recipe, applies dot-list overrides and validates it.
-
-    Raises:
-        ConfigError: a missing/unreadable file, bad YAML, or a bad key (named by its path).
-    """
-    path = Path(path)
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Reads one recipe file, resolving its ``base:`` (a recipe path, relative to this file, or a list)."""
     if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist (or is not a file)")
+        where = f" (the base of {str(chain[-1])!r})" if chain else ""
+        raise ConfigError(f"recipe {str(path)!r}{where} does not exist (or is not a file)")
+    if path.resolve() in chain:
+        raise ConfigError(f"recipe {str(path)!r}: 'base' recipes form a cycle")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -365,5 +363,28 @@ def load_config(path: Union[str, Path], overrides: list[str] | None = None) -> T
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {str(path)!r}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    bases = raw.pop("base", None)
+    if bases is None:
+        return raw
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"recipe {str(path)!r}: 'base' must be a recipe path or a list of them, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = _merge(merged, _read_recipe(path.parent / base, chain + (path.resolve(),)))
+    return _merge(merged, raw)
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Reads a recipe (and its ``base:`` recipes), applies dot-list overrides and validates it.
+
+    A recipe may start from others: ``base: mae-vitb16.yaml`` (relative to the recipe's folder) is read
+    first and the recipe's own keys are merged over it, mapping by mapping.
+
+    Raises:
+        ConfigError: a missing/unreadable file, bad YAML, or a bad key (named by its path).
+    """
+    raw = _read_recipe(Path(path))
     raw = _merge(raw, parse_overrides(overrides or []))
     return validate(raw)

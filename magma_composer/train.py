@@ -164,6 +164,8 @@ def _build_components(section: dict, reg: dict, kind: str, injected: dict) -> li
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Builds the model, data, optimizer, schedule, algorithms, callbacks and loggers, then the Trainer."""
     reproducibility.seed_all(cfg.seed)
+    # algorithms first: their options (schedules, basis files) fail before any model or data is built
+    algorithms = _build_components(cfg.algorithms, registry.ALGORITHMS, "algorithm", {})
     model = build_model(cfg.model)
     image_size = cfg.train_data.image_size or cfg.model.img_size
     train_loader = build_dataloader(cfg.train_data, image_size, train=True, seed=cfg.seed, tag="train")
@@ -182,7 +184,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         return eval_loader
 
     injected = {"train_loader": bank_loader, "test_loader": test_loader, "normalize": cfg.train_data.normalize}
-    algorithms = _build_components(cfg.algorithms, registry.ALGORITHMS, "algorithm", {})
     callbacks = _build_components(cfg.callbacks, registry.CALLBACKS, "callback", injected)
     loggers = _build_components(cfg.loggers, registry.LOGGERS, "logger", {})
 
