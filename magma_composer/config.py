@@ -376,7 +376,7 @@ def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return _merge(merged, raw)
 
 
-def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> TrainConfig:
+def load_config(path: Union[str, Path], overrides: list[str] | None = None) -> TrainConfig:
     """Reads a recipe (and its ``base:`` recipes), applies dot-list overrides and validates it.
 
     A recipe may start from others: ``base: mae-vitb16.yaml`` (relative to the recipe's folder) is read
