@@ -191,6 +191,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     optimizer = build_optimizer(model, cfg.optimizer, global_batch)
     scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f)
     device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads(cfg))
     precision = cfg.precision or ("amp_bf16" if device == "gpu" else "fp32")
     microbatch = cfg.device_train_microbatch_size or cfg.train_data.batch_size
     if cfg.autoresume and (cfg.save_folder is None or cfg.run_name is None):
@@ -226,6 +228,15 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         dist_timeout=cfg.dist_timeout,
         compile_config={} if cfg.compile else None,
     )
+
+
+def cpu_threads(cfg: TrainConfig) -> int:
+    """Torch threads per rank on CPU: the recipe's ``cpu_threads``, else the cores left to each rank after its
+    loader workers (oversubscribed cores make small steps several times slower)."""
+    if cfg.cpu_threads is not None:
+        return max(1, cfg.cpu_threads)
+    per_rank = (os.cpu_count() or 1) // max(1, dist.get_local_world_size())
+    return max(1, per_rank - cfg.train_data.num_workers)
 
 
 def _checkpoint_path(trainer: Trainer) -> str | None:

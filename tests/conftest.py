@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR_TARBALL = SHARED_DATA / "cifar10-jpeg.tar.gz"
 
-# 2 cores: keep torch from oversubscribing when pytest and data workers share them
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one intra-op thread: on 2 shared cores, with loader workers and launcher ranks beside the test, more
+# threads oversubscribe the CPU and tiny steps get 5-25x slower
+torch.set_num_threads(1)
 
 #: a model small enough for a few CPU steps in a test
 TINY_MODEL = {

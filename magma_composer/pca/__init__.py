@@ -1,0 +1,15 @@
+"""PCA bases for PCA masking (PMAE): fit once per data set and image size, save, load and check.
+
+Fit from the command line (``python -m magma_composer.pca fit --help``) or from Python:
+
+.. code-block:: python
+
+    from magma_composer.pca import fit_basis, load_basis
+    basis = fit_basis('/data/cifar10-mds', split='train', image_size=32, out='cifar10-32.pt')
+    basis = load_basis('cifar10-32.pt', expected_image_size=32, expected_channels=3)
+"""
+
+from magma_composer.pca.basis import PCABasis, basis_sha256, load_basis, save_basis
+from magma_composer.pca.fit import fit_basis, fit_pca
+
+__all__ = ["PCABasis", "basis_sha256", "fit_basis", "fit_pca", "load_basis", "save_basis"]

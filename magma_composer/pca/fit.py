@@ -1,0 +1,366 @@
+"""Fitting the PCA basis of ALGORITHMS.md §3, exactly for small images and by streaming for large ones.
+
+Both methods stream the images in batches and never hold all ``N x D`` of them:
+
+* ``exact`` (``D`` up to about 16k): one pass accumulates, in float64, the per-pixel sums and the
+  ``D x D`` matrix of products; the covariance of the standardised images follows from them, and its
+  full eigendecomposition gives the basis (``K = min(N, D)`` components unless fewer are asked for).
+* ``randomized`` (any ``D``; ``O(D * K)`` memory): a block power iteration on the covariance ``C`` of the
+  standardised images ``z``. The first pass collects the per-pixel sums and, at the same time, the
+  product of the raw second moments with a random ``D x L`` matrix (``L = K + oversample``), from which
+  ``C`` applied to a random block follows once the mean and std are known. Each further pass multiplies
+  ``C`` with the current orthonormal block ``Q`` as ``sum_batches Z^T (Z Q) / N`` (float32 products on the
+  device, float64 accumulation) and re-orthonormalises by QR. The last pass's product ``Y = C Q`` gives
+  the Nystrom approximation ``C ~ Y (Q^T Y)^-1 Y^T``, whose top-``K`` eigenpairs (from an ``L x L``
+  Cholesky factor and a QR + SVD of a ``D x L`` matrix) are the basis. Passes over the data:
+  ``2 + power_iters``.
+
+Ratios ``rho`` are eigenvalues divided by the total variance of ``z``, computed exactly from the first
+pass's sums (the number of non-constant pixels), so a truncated basis reports ``sum(rho) < 1``.
+
+Under ``torch.distributed`` each rank streams its own share and the sums are all-reduced; every rank
+ends with the same basis (rank 0 broadcasts each orthonormal block) and rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from magma_composer.pca.basis import PCABasis, save_basis
+
+__all__ = ["EXACT_MAX_DIM", "METHODS", "fit_basis", "fit_pca"]
+
+log = logging.getLogger(__name__)
+
+#: ``method='auto'`` fits the exact basis up to this many values per image (64 x 64 x 3 = 12,288 fit).
+EXACT_MAX_DIM = 16_384
+METHODS = ("auto", "exact", "randomized")
+
+#: Pixels whose variance is below this are constant in the data set (far below one 8-bit step squared).
+_CONSTANT_VAR = 1e-12
+
+Batches = Callable[[], Iterable[torch.Tensor]]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(*tensors: torch.Tensor) -> None:
+    if _distributed():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def _is_rank_zero() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _passes(
+    batches: Batches, dim: int, device: torch.device, desc: str, total: int | None, progress: bool
+) -> Iterator[torch.Tensor]:
+    """One pass over the data: float32 ``b x D`` batches on ``device``, with a progress bar on rank 0."""
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and _is_rank_zero()), leave=False)
+    for batch in batches():
+        batch = batch.to(device, torch.float32, non_blocking=True).reshape(batch.shape[0], -1)
+        if batch.shape[1] != dim:
+            raise ValueError(f"images have {batch.shape[1]} values each, but channels * image_size^2 = {dim}")
+        yield batch
+        bar.update(batch.shape[0])
+    bar.close()
+
+
+def _stats(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pixel mean, population variance and the std used for standardising (1 for constant pixels)."""
+    count = float(n.item())
+    if count < 2:
+        raise ValueError(f"fitting a PCA basis needs at least 2 images, got {int(count)}")
+    mean = s1 / count
+    var = (s2 / count - mean * mean).clamp_min(0.0)
+    std = torch.where(var > _CONSTANT_VAR, var.sqrt(), torch.ones_like(var))
+    return mean, var, std
+
+
+def _check_components(components: int | None, dim: int, method: str) -> None:
+    if components is None:
+        if method == "randomized":
+            raise ValueError("components (K) is required for the randomized method (e.g. --components 1024)")
+        return
+    if isinstance(components, bool) or not isinstance(components, int) or not 1 <= components <= dim:
+        raise ValueError(f"components must be an int in [1, D={dim}], got {components!r}")
+
+
+def _fit_exact(
+    batches: Batches, dim: int, components: int | None, device: torch.device, total: int | None, progress: bool
+) -> tuple:
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    s1 = torch.zeros(dim, dtype=torch.float64, device=device)
+    sxx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    for x in _passes(batches, dim, device, "PCA exact", total, progress):
+        x = x.double()
+        n += x.shape[0]
+        s1 += x.sum(0)
+        sxx.addmm_(x.T, x)
+    _all_reduce(n, s1, sxx)
+    mean, var, std = _stats(n, s1, torch.diagonal(sxx).clone())
+    count = float(n.item())
+    cov = sxx.div_(count).sub_(torch.outer(mean, mean))  # covariance of x, in place
+    cov.div_(std[:, None]).div_(std[None, :])  # covariance of z
+    cov = 0.5 * (cov + cov.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    k = components or min(int(count), dim)
+    evals = evals.flip(0)[:k].clamp_min(0.0)
+    evecs = evecs.flip(1)[:, :k]
+    return count, mean, var, std, evecs, evals
+
+
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(y)
+    return _broadcast(q.contiguous())
+
+
+def _fit_randomized(
+    batches: Batches,
+    dim: int,
+    components: int,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    device: torch.device,
+    total: int | None,
+    progress: bool,
+) -> tuple:
+    width = min(components + oversample, dim)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(dim, width, generator=gen, dtype=torch.float32).to(device)
+
+    # pass 1: per-pixel sums and the raw second moments applied to omega
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    s1 = torch.zeros(dim, dtype=torch.float64, device=device)
+    s2 = torch.zeros(dim, dtype=torch.float64, device=device)
+    y = torch.zeros(dim, width, dtype=torch.float64, device=device)
+    for x in _passes(batches, dim, device, "PCA pass 1 (stats)", total, progress):
+        n += x.shape[0]
+        x64 = x.double()
+        s1 += x64.sum(0)
+        s2 += (x64 * x64).sum(0)
+        y.add_(x.T @ (x @ omega))  # float32 product, float64 sum
+    _all_reduce(n, s1, s2, y)
+    mean, var, std = _stats(n, s1, s2)
+    count = float(n.item())
+    # C_z (std * omega) = (E[x x^T] omega - mean (mean^T omega)) / std
+    y.div_(count).sub_(torch.outer(mean, mean @ omega.double())).div_(std[:, None])
+    del omega
+    q = _orthonormal(y)
+
+    mean32, inv_std32 = mean.float(), (1.0 / std).float()
+    for it in range(power_iters + 1):
+        q32 = q.float()
+        y.zero_()
+        desc = f"PCA pass {it + 2}/{power_iters + 2}"
+        for x in _passes(batches, dim, device, desc, total, progress):
+            z = (x - mean32) * inv_std32
+            y.add_(z.T @ (z @ q32))
+        _all_reduce(y)
+        y.div_(count)  # y = C q
+        if it < power_iters:
+            q = _orthonormal(y)
+    evecs, evals = _nystrom(q, y, components)
+    return count, mean, var, std, evecs, evals
+
+
+def _nystrom(q: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs (decreasing) of the Nystrom approximation ``Y (Q^T Y)^-1 Y^T`` of ``C``, given ``Y = C Q``.
+
+    Its eigenvectors lie in ``span(Y) = span(C Q)``, so it is as accurate as one more power iteration
+    (about 10x smaller principal angles than Rayleigh-Ritz on ``span(Q)``) for no extra pass. A shift ``nu``
+    of the order of the rounding error keeps the Cholesky factor defined when ``C Q`` is rank deficient.
+    ``y`` is overwritten (shifted in place) to keep the peak memory at a few ``D x L`` arrays.
+    """
+    nu = float(torch.finfo(y.dtype).eps * y.shape[0] ** 0.5 * torch.linalg.matrix_norm(y))
+    y.add_(q, alpha=nu)
+    b = q.T @ y
+    b = 0.5 * (b + b.T)
+    chol, info = torch.linalg.cholesky_ex(b)
+    if int(info) != 0:  # not positive definite even after the shift: fall back to Rayleigh-Ritz on span(q)
+        evals, u = torch.linalg.eigh(b)
+        return q @ u.flip(1)[:, :k], (evals.flip(0)[:k] - nu).clamp_min(0.0)
+    f = torch.linalg.solve_triangular(chol.mT, y, upper=True, left=False)  # F chol^T = Y, so C ~ F F^T
+    qf, rf = torch.linalg.qr(f)
+    del f
+    u, sv, _ = torch.linalg.svd(rf)
+    return qf @ u[:, :k], (sv[:k] * sv[:k] - nu).clamp_min(0.0)
+
+
+def fit_pca(
+    batches: Batches,
+    image_size: int,
+    channels: int = 3,
+    components: int | None = None,
+    method: str = "auto",
+    oversample: int | None = None,
+    power_iters: int = 2,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    total: int | None = None,
+    progress: bool = True,
+) -> PCABasis:
+    """Fits the basis to images streamed by ``batches``; the core of :func:`fit_basis`.
+
+    Args:
+        batches (Callable[[], Iterable[torch.Tensor]]): returns a fresh iterator over this rank's images at
+            each call (one call per pass): ``b x D`` (or ``b x C x S x S``) tensors of pixels in [0, 1],
+            flattened in C, H, W order.
+        image_size (int): image side ``S``.
+        channels (int): image channels ``C``; ``D = C * S * S``.
+        components (int, optional): ``K``; default ``min(N, D)`` for the exact method (required otherwise).
+        method (str): ``'exact'``, ``'randomized'`` or ``'auto'`` (exact up to ``D = 16,384``).
+        oversample (int, optional): extra random directions for the randomized method; default
+            ``max(16, K // 10)``.
+        power_iters (int): power iterations of the randomized method (passes over the data: ``2 + power_iters``).
+        seed (int): seed of the random start block.
+        device (str | torch.device, optional): where the products run; default CUDA when available.
+        total (int, optional): images per pass on this rank, for the progress bar.
+        progress (bool): show progress bars (rank 0 only).
+
+    Returns:
+        PCABasis: the basis (not yet saved; its hash is set).
+    """
+    dim = int(channels) * int(image_size) ** 2
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not valid; choose one of {METHODS}")
+    if method == "auto":
+        method = "exact" if dim <= EXACT_MAX_DIM else "randomized"
+    _check_components(components, dim, method)
+    if method == "exact" and dim > 4 * EXACT_MAX_DIM:
+        raise ValueError(
+            f"the exact method needs a D x D float64 matrix, {dim**2 * 8 / 2**30:.0f} GiB at D={dim}: use "
+            "method='randomized' (--method randomized) with a number of components"
+        )
+    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+        raise ValueError(f"power_iters must be an int >= 0, got {power_iters!r}")
+    if oversample is None:
+        oversample = max(16, (components or 0) // 10)
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    if method == "exact":
+        count, mean, var, std, evecs, evals = _fit_exact(batches, dim, components, device, total, progress)
+    else:
+        assert components is not None
+        count, mean, var, std, evecs, evals = _fit_randomized(
+            batches, dim, components, oversample, power_iters, seed, device, total, progress
+        )
+    total_variance = float((var / (std * std)).sum().item())
+    if total_variance <= 0:
+        raise ValueError("every pixel is constant across the images: there is no variance to fit a basis to")
+    return PCABasis(
+        mean=mean.cpu(),
+        std=std.cpu(),
+        components=evecs.float().cpu().contiguous(),
+        eigenvalues=evals.cpu(),
+        ratios=(evals / total_variance).cpu(),
+        image_size=int(image_size),
+        channels=int(channels),
+        num_images=int(count),
+        total_variance=total_variance,
+        method=method,
+    ).with_hash()
+
+
+def fit_basis(
+    data: str,
+    image_size: int,
+    components: int | None = None,
+    out: str | os.PathLike | None = None,
+    split: str | None = None,
+    method: str = "auto",
+    batch_size: int = 256,
+    max_images: int | None = None,
+    oversample: int | None = None,
+    power_iters: int = 2,
+    seed: int = 0,
+    num_workers: int = 0,
+    local: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> PCABasis:
+    """Fits the PCA basis of an MDS image data set and (on rank 0) writes it to ``out``.
+
+    Images come from the ``x`` column (JPEG bytes), are resized (shorter side to ``image_size``, bicubic) and
+    centre-cropped without augmentation, scaled to [0, 1] and flattened in C, H, W order. Under
+    ``torch.distributed`` each rank reads its own whole shards (no sample is read twice) and the sums are
+    all-reduced.
+
+    Args:
+        data (str): a local folder of MDS shards or a URI (``s3://bucket/prefix``).
+        image_size (int): image side in pixels.
+        components (int, optional): ``K``, see :func:`fit_pca`.
+        out (str | PathLike, optional): where to write the basis (``.pt``); nothing is written if ``None``.
+        split (str, optional): sub-folder of ``data`` (``'train'``).
+        method (str): ``'auto'``, ``'exact'`` or ``'randomized'``.
+        batch_size (int): images per product.
+        max_images (int, optional): use only the first ``max_images`` images (in shard order).
+        oversample (int, optional): see :func:`fit_pca`.
+        power_iters (int): see :func:`fit_pca`.
+        seed (int): see :func:`fit_pca`.
+        num_workers (int): data loader processes decoding JPEGs, per rank.
+        local (str, optional): cache folder for remote shards (default: under the temporary directory).
+        device (str | torch.device, optional): see :func:`fit_pca`.
+        progress (bool): progress bars.
+
+    Returns:
+        PCABasis: the basis, with ``path`` set when it was written.
+    """
+    from magma_composer.pca.source import ShardImages, open_shards, split_shards
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
+        raise ValueError(f"max_images must be an int >= 2 or None, got {max_images!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    stream, shards = open_shards(data, split=split, local=local)
+    share = split_shards([s.samples for s in shards], rank, world, max_images)
+    for i, _ in share:
+        stream.prepare_shard(shards[i])
+    images = ShardImages(shards, share, image_size)
+
+    def batches() -> Iterable[torch.Tensor]:
+        return torch.utils.data.DataLoader(
+            images, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+        )
+
+    basis = fit_pca(
+        batches,
+        image_size=image_size,
+        channels=3,
+        components=components,
+        method=method,
+        oversample=oversample,
+        power_iters=power_iters,
+        seed=seed,
+        device=device,
+        total=len(images),
+        progress=progress,
+    )
+    if out is not None and _is_rank_zero():
+        basis = save_basis(basis, out)
+        log.info("wrote %s: %s", out, basis.summary())
+    if out is not None and _distributed():
+        dist.barrier()
+    return basis

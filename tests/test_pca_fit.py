@@ -1,0 +1,314 @@
+"""PCA basis fitting: exact and randomized accuracy against a float64 reference, MDS shards, CLI, ranks, files."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streaming import MDSWriter
+
+from magma_composer.data.transforms import eval_transform
+from magma_composer.pca import PCABasis, fit_basis, fit_pca, load_basis, save_basis
+from magma_composer.pca.__main__ import main as pca_main
+from magma_composer.pca.source import split_shards
+from tests.conftest import free_port
+from tests.s3_server import moto_server, s3  # noqa: F401  (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, two threads per process made these steps several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def max_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle (radians) between the column spaces of orthonormal ``a`` and ``b``."""
+    a, b = a.double(), b.double()
+    return float(torch.arcsin(torch.linalg.matrix_norm(b - a @ (a.T @ b), ord=2).clamp(max=1.0)))
+
+
+def reference(x: torch.Tensor):
+    """float64 mean, std (ddof 0), eigenvalues (decreasing) and eigenvectors of the covariance of z."""
+    x = x.double().reshape(x.shape[0], -1)
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    z = (x - mean) / std
+    evals, evecs = torch.linalg.eigh(z.T @ z / x.shape[0])
+    return mean, std, evals.flip(0), evecs.flip(1)
+
+
+def planted(n: int, size: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
+    """``n`` images ``3 x size x size`` around grey: a rank-``rank`` signal of spectrum ``2^(-i/2)`` plus noise.
+
+    The signal's pixel standard deviation is about 0.1, so ``noise`` is the noise-to-signal ratio.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = 3 * size * size
+    spectrum = 0.5 ** (torch.arange(rank, dtype=torch.float64) / 2)
+    directions = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0]
+    scale = 0.1 * (d / spectrum.sum()) ** 0.5
+    coefficients = torch.randn(n, rank, generator=g, dtype=torch.float64) * spectrum.sqrt() * scale
+    x = 0.5 + coefficients @ directions.T + 0.1 * noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x.clamp(0, 1).float().reshape(n, 3, size, size)
+
+
+# ---------------------------------------------------------------------- in-memory accuracy
+def test_randomized_matches_exact_eigendecomposition_on_planted_spectrum():
+    x = planted(n=1000, size=8, rank=12, noise=0.1)  # D = 192, a clear gap after the 12th eigenvalue
+    mean, std, evals, evecs = reference(x)
+    k = 12
+    basis = fit_pca(lambda: x.split(250), image_size=8, components=k, method="randomized", progress=False)
+    assert basis.method == "randomized" and basis.components.shape == (192, k)
+    assert basis.components.dtype == torch.float32
+    assert max_angle(evecs[:, :k], basis.components) < 1e-3
+    rho = evals[:k] / evals.sum()
+    assert torch.allclose(basis.ratios, rho, rtol=1e-4, atol=0)
+    assert basis.total_variance == pytest.approx(192, rel=1e-12)  # no constant pixel
+    assert torch.allclose(basis.mean, mean, rtol=0, atol=1e-12)
+    assert torch.allclose(basis.std, std, rtol=1e-9, atol=0)
+    # components are orthonormal
+    gram = basis.components.double().T @ basis.components.double()
+    assert torch.allclose(gram, torch.eye(k, dtype=torch.float64), atol=1e-5)
+
+
+def test_randomized_accuracy_improves_with_power_iterations():
+    x = planted(n=600, size=8, rank=40, noise=0.05)  # no spectral gap at K: a hard case
+    _, _, _, evecs = reference(x)
+    angles = [
+        max_angle(
+            evecs[:, :12],
+            fit_pca(
+                lambda: x.split(300), 8, components=12, method="randomized", power_iters=q, oversample=8, progress=False
+            ).components,
+        )
+        for q in (0, 1, 3)
+    ]
+    assert angles[0] > angles[1] > angles[2]
+
+
+def test_exact_reproduces_reference_and_full_ratios_sum_to_one():
+    x = planted(n=300, size=8, rank=10, noise=0.05)  # D = 192 < N: full rank
+    mean, std, evals, evecs = reference(x)
+    basis = fit_pca(lambda: x.split(64), image_size=8, progress=False)  # auto -> exact, K = min(N, D)
+    assert basis.method == "exact" and basis.num_components == 192 and basis.num_images == 300
+    assert torch.allclose(basis.eigenvalues, evals, rtol=1e-9, atol=1e-12)
+    assert float(basis.ratios.sum()) == pytest.approx(1.0, rel=1e-9)
+    assert max_angle(evecs[:, :20], basis.components[:, :20]) < 1e-5
+    truncated = fit_pca(lambda: x.split(64), image_size=8, components=5, method="exact", progress=False)
+    assert truncated.num_components == 5 and float(truncated.ratios.sum()) < 1
+    assert torch.allclose(truncated.ratios, basis.ratios[:5], rtol=1e-12)
+
+
+def test_constant_pixels_are_kept_out_of_the_variance():
+    x = planted(n=200, size=4, rank=5, noise=0.05)
+    x[:, 0, 0, 0] = 0.25  # constant across the data set
+    basis = fit_pca(lambda: x.split(50), image_size=4, progress=False)
+    assert basis.std[0] == 1.0  # z = 0 there, not 0 / 0
+    assert basis.total_variance == pytest.approx(47, rel=1e-9)
+    assert torch.isfinite(basis.components).all() and float(basis.ratios.sum()) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_fit_arguments_are_checked():
+    x = planted(n=20, size=4, rank=3, noise=0.05)
+    with pytest.raises(ValueError, match="components.*required"):
+        fit_pca(lambda: x.split(8), 4, method="randomized", progress=False)
+    with pytest.raises(ValueError, match=r"components must be an int in \[1, D=48\]"):
+        fit_pca(lambda: x.split(8), 4, components=49, progress=False)
+    with pytest.raises(ValueError, match="method='svd' is not valid"):
+        fit_pca(lambda: x.split(8), 4, method="svd", progress=False)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fit_pca(lambda: x[:1].split(8), 4, progress=False)
+    with pytest.raises(ValueError, match="images have 48 values each, but channels \\* image_size\\^2 = 75"):
+        fit_pca(lambda: x.split(8), 5, progress=False)
+    with pytest.raises(ValueError, match="exact method needs a D x D float64 matrix, 288 GiB"):
+        fit_pca(lambda: iter(()), 256, components=8, method="exact", progress=False)
+
+
+# ---------------------------------------------------------------------- rank split
+@pytest.mark.parametrize("counts", [[7, 7, 7, 3], [1, 1, 1, 1, 1], [100], [5, 9, 2, 8, 4, 6]])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("max_images", [None, 10])
+def test_split_shards_reads_every_used_sample_once(counts, world, max_images):
+    shares = [split_shards(counts, r, world, max_images) for r in range(world)]
+    used = sum(counts) if max_images is None else min(max_images, sum(counts))
+    shards = [i for share in shares for i, _ in share]
+    assert len(shards) == len(set(shards))  # no shard on two ranks
+    assert sum(n for share in shares for _, n in share) == used
+    assert sorted(shards) == list(range(len(shards)))  # a prefix of the shards, in order
+
+
+# ---------------------------------------------------------------------- MDS shards
+def jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jpeg_mds(tmp_path_factory) -> Path:
+    """40 JPEGs of smooth random images (16 x 16) in several shards, under ``train/``."""
+    root = tmp_path_factory.mktemp("pca_mds")
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 1, 16)
+    with MDSWriter(out=str(root / "train"), columns={"x": "bytes", "y": "int"}, size_limit=4096) as writer:
+        for i in range(40):
+            fx, fy, phase = rng.uniform(0.5, 3, 2).tolist() + [rng.uniform(0, 6)]
+            base = np.sin(fx * 6 * grid[None, :] + phase) * np.cos(fy * 6 * grid[:, None])
+            img = np.stack([base * rng.uniform(0.2, 1) for _ in range(3)], -1) * 100 + 128
+            img += rng.normal(0, 8, img.shape)
+            writer.write({"x": jpeg(np.clip(img, 0, 255).astype(np.uint8)), "y": i % 3})
+    assert len(list((root / "train").glob("shard.*.mds"))) >= 3
+    return root
+
+
+def decoded(root: Path, n: int | None = None) -> torch.Tensor:
+    """The images of ``root/train`` decoded independently of the fit (PIL, uint8 / 255, C, H, W)."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(root / "train"), shuffle=False, batch_size=1)
+    n = ds.num_samples if n is None else n
+    arrays = [np.asarray(Image.open(io.BytesIO(ds[i]["x"])).convert("RGB")) for i in range(n)]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_fit_from_mds_matches_reference_on_the_decoded_images(jpeg_mds):
+    images = decoded(jpeg_mds)
+    # the fit's transform at the stored size keeps the pixels: [0, 1], C, H, W order
+    with Image.open(io.BytesIO(jpeg(np.zeros((16, 16, 3), np.uint8)))) as img:
+        assert eval_transform(16, normalize="none")(img.convert("RGB")).shape == (3, 16, 16)
+    mean, std, evals, evecs = reference(images)
+    basis = fit_basis(str(jpeg_mds), split="train", image_size=16, batch_size=16, progress=False)
+    assert basis.method == "exact" and basis.num_images == 40 and basis.num_components == 40
+    assert torch.allclose(basis.mean, mean, atol=1e-12, rtol=0)
+    assert torch.allclose(basis.std, std, rtol=1e-9, atol=0)
+    assert torch.allclose(basis.eigenvalues[:39], evals[:39], rtol=1e-7, atol=1e-9)
+    assert max_angle(evecs[:, :5], basis.components[:, :5]) < 1e-4
+
+    first = fit_basis(str(jpeg_mds), split="train", image_size=16, max_images=25, components=6, progress=False)
+    mean25, _, evals25, _ = reference(images[:25])
+    assert first.num_images == 25 and torch.allclose(first.mean, mean25, atol=1e-12, rtol=0)
+    assert torch.allclose(first.ratios, evals25[:6] / evals25.sum(), rtol=1e-7)
+
+
+def test_fit_resizes_shorter_side_and_centre_crops(jpeg_mds):
+    basis = fit_basis(str(jpeg_mds), split="train", image_size=8, components=4, method="randomized", progress=False)
+    assert (basis.image_size, basis.channels, basis.dim) == (8, 3, 192)
+    assert basis.components.shape == (192, 4)
+
+
+def test_cli_fit_and_info(jpeg_mds, tmp_path, capsys):
+    out = tmp_path / "basis.pt"
+    args = ["fit", "--data", str(jpeg_mds), "--split", "train", "--image-size", "16", "--components", "8"]
+    assert (
+        pca_main(
+            [
+                *args,
+                "--method",
+                "randomized",
+                "--batch-size",
+                "7",
+                "--num-workers",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    basis = load_basis(out, expected_image_size=16, expected_channels=3)
+    assert basis.num_components == 8 and basis.method == "randomized" and basis.path == str(out)
+    exact = fit_basis(str(jpeg_mds), split="train", image_size=16, components=8, method="exact", progress=False)
+    assert max_angle(exact.components[:, :3], basis.components[:, :3]) < 1e-3
+    assert torch.allclose(basis.ratios[:3], exact.ratios[:3], rtol=1e-4)
+    capsys.readouterr()
+    assert pca_main(["info", str(out)]) == 0
+    assert "K=8" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no MDS index"):
+        pca_main(["fit", "--data", str(tmp_path), "--image-size", "16", "--out", str(tmp_path / "x.pt")])
+
+
+def test_two_ranks_read_disjoint_shards_and_agree_with_one(jpeg_mds, tmp_path):
+    """Two gloo ranks of the CLI (the environment ``composer -n 2`` / ``torchrun`` set), sums all-reduced."""
+    out = tmp_path / "two.pt"
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "magma_composer.pca", "fit", "--data", str(jpeg_mds), "--split", "train"]
+    cmd += ["--image-size", "16", "--out", str(out), "--device", "cpu", "--no-progress"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "RANK": str(rank)}
+        env.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    two = load_basis(out)
+    one = fit_basis(str(jpeg_mds), split="train", image_size=16, progress=False)
+    assert two.num_images == one.num_images == 40
+    assert torch.allclose(two.mean, one.mean, atol=1e-14, rtol=0)
+    assert torch.allclose(two.eigenvalues, one.eigenvalues, rtol=1e-9, atol=1e-12)
+    assert max_angle(one.components[:, :5], two.components[:, :5]) < 1e-6
+
+
+def test_fit_from_object_storage(jpeg_mds, s3, tmp_path):  # noqa: F811
+    """Shards in an S3-compatible store (moto): downloaded to the cache, same basis as from the folder."""
+    bucket = s3.make_bucket()
+    client = s3.client()
+    for path in sorted((jpeg_mds / "train").iterdir()):
+        client.upload_file(str(path), bucket, f"pca/train/{path.name}")
+    remote = fit_basis(
+        f"s3://{bucket}/pca", split="train", image_size=16, components=6, local=str(tmp_path / "cache"), progress=False
+    )
+    local = fit_basis(str(jpeg_mds), split="train", image_size=16, components=6, progress=False)
+    assert remote.sha256 == local.sha256
+    assert len(list((tmp_path / "cache" / "train").glob("shard.*.mds"))) == len(
+        list((jpeg_mds / "train").glob("*.mds"))
+    )
+
+
+# ---------------------------------------------------------------------- the file
+@pytest.fixture
+def small_basis(tmp_path) -> PCABasis:
+    x = planted(n=50, size=4, rank=4, noise=0.05)
+    return save_basis(fit_pca(lambda: x.split(25), 4, components=6, progress=False), tmp_path / "b.pt")
+
+
+def test_save_load_round_trip(small_basis):
+    loaded = load_basis(small_basis.path)
+    assert loaded.sha256 == small_basis.sha256 and len(loaded.sha256) == 64
+    for name in ("mean", "std", "components", "eigenvalues", "ratios"):
+        assert torch.equal(getattr(loaded, name), getattr(small_basis, name))
+    assert (loaded.image_size, loaded.channels, loaded.num_images) == (4, 3, 50)
+
+
+def test_load_errors_are_clear(small_basis, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist: fit one with"):
+        load_basis(tmp_path / "missing.pt")
+    data = Path(small_basis.path).read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupted"):
+        load_basis(truncated)
+    payload = torch.load(small_basis.path, weights_only=True)
+    payload["components"][3, 2] += 1e-3  # one value edited, hash left as it was
+    tampered = tmp_path / "tampered.pt"
+    torch.save(payload, tampered)
+    with pytest.raises(ValueError, match="corrupted: its content hashes to"):
+        load_basis(tampered)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a PCA basis file"):
+        load_basis(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="3 x 4 x 4 images, but the caller uses 3 x 32 x 32"):
+        load_basis(small_basis.path, expected_image_size=32)
+    with pytest.raises(ValueError, match="uses 1 x 4 x 4"):
+        load_basis(small_basis.path, expected_channels=1)
