@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from composer.core import Callback, Event, State, Time, TimeUnit
@@ -71,12 +71,23 @@ class KNNMonitor(Callback):
         self.history: list[tuple[str, dict[int, float]]] = []
 
     @torch.no_grad()
-    def measure(self, model: torch.nn.Module, device: torch.device) -> dict[int, float]:
-        """Encodes both loaders with ``model`` and returns ``{k: top-1 %}`` (same value on every rank)."""
+    def measure(
+        self, model: torch.nn.Module, device: torch.device, preprocess: Callable | None = None
+    ) -> dict[int, float]:
+        """Encodes both loaders with ``model`` and returns ``{k: top-1 %}`` (same value on every rank).
+
+        ``preprocess`` maps loader images to the model's input (e.g. PCA masking's standardisation).
+        """
         was_training = model.training
         model.eval()
         try:
             encode = _encode_fn(model)
+            if preprocess is not None:
+                extract = encode
+
+                def encode(images: torch.Tensor) -> torch.Tensor:
+                    return extract(preprocess(images))
+
             progress = self.progress and dist.get_global_rank() == 0
             bank = extract_features(encode, self.train_loader, device, self.max_train_samples, progress, "kNN bank")
             query = extract_features(encode, self.test_loader, device, self.max_test_samples, progress, "kNN query")
@@ -89,7 +100,10 @@ class KNNMonitor(Callback):
         return knn_top1(*bank, *query, k=self.ks, temperature=self.temperature)
 
     def _record(self, label: str, state: State, logger: Logger) -> None:
-        result = self.measure(state.model, state.device._device if hasattr(state.device, "_device") else "cpu")
+        # an algorithm that rewrites the model's inputs (PCA masking) says how through ``standardize``
+        preprocess = next((a.standardize for a in state.algorithms if hasattr(a, "standardize")), None)
+        device = next(state.model.parameters()).device
+        result = self.measure(state.model, device, preprocess)
         self.history.append((label, result))
         logger.log_metrics({f"knn/top1@{k}": v for k, v in result.items()})
 
