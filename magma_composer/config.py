@@ -115,9 +115,10 @@ class TrainConfig:
     seed: int = 17
     precision: str | None = None  #: fp32 | amp_fp16 | amp_bf16 (default: amp_bf16 on GPU, fp32 on CPU)
     device: str | None = None  #: cpu | gpu (default: what is there)
+    cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: cores per rank - loader workers)
     device_train_microbatch_size: Union[int, str, None] = None  #: int or auto; default: the per-device batch
     eval_interval: Union[str, int] = "1ep"
-    algorithms: dict = field(default_factory=dict)  #: name -> options, see magma_composer.registry
+    algorithms: dict = field(default_factory=dict)  #: name -> options (false: off), see magma_composer.registry
     callbacks: dict = field(default_factory=dict)
     loggers: dict = field(default_factory=dict)  #: wandb: {...}, file: {...}; console is always on
     progress_bar: bool = True
@@ -253,6 +254,9 @@ def _build_dataclass(cls: type, data: Any, path: str) -> Any:
 
 
 def _check_component_options(section: str, entries: dict, reg: dict, kind: str) -> None:
+    # ``name: false`` switches off an entry that a base recipe turned on (e.g. ``callbacks.lr_monitor=false``)
+    for name in [n for n, options in entries.items() if options is False]:
+        del entries[name]
     for name, options in entries.items():
         path = f"{section}.{name}"
         if name not in reg:

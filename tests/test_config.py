@@ -93,3 +93,12 @@ def test_cli_fails_fast_with_key_path(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.relative_to(REPO) for p in (REPO / "yamls").rglob("*.yaml")))
 def test_shipped_recipes_validate(recipe):
     load_config(REPO / recipe)
+
+
+def test_false_switches_off_an_inherited_entry(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({**base(), "callbacks": {"lr_monitor": {}, "speed_monitor": {}}})
+    )
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ncallbacks: {speed_monitor: false}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["cpu_threads=1"])
+    assert cfg.callbacks == {"lr_monitor": {}} and cfg.cpu_threads == 1
