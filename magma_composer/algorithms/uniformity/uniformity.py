@@ -1,0 +1,139 @@
+"""Uniformity (U-MAE): spread the encoder's CLS features over the sphere (Zhang, Wang, Wang, NeurIPS 2022).
+
+The functional form :func:`uniformity_loss` comes first, the Composer :class:`Uniformity` algorithm
+after it. The maths is ALGORITHMS.md §2; the method card is ``README.md`` beside this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from magma_composer.algorithms.tap_regularizer import TapRegularizer
+from magma_composer.distributed import all_gather_with_grad
+from magma_composer.models.taps import FeatureTap
+from magma_composer.schedules import WeightSchedule
+
+__all__ = ["Uniformity", "UniformityStats", "uniformity_loss"]
+
+
+class UniformityStats(NamedTuple):
+    """Diagnostics of one :func:`uniformity_loss` evaluation (detached scalar tensors).
+
+    Attributes:
+        valid: False only for an empty batch (the loss is then 0).
+        feature_norm: the mean L2 norm of the features before normalisation.
+    """
+
+    valid: torch.Tensor
+    feature_norm: torch.Tensor
+
+
+def uniformity_loss(
+    features: torch.Tensor, *, return_stats: bool = False
+) -> Union[torch.Tensor, tuple[torch.Tensor, UniformityStats]]:
+    """The U-MAE uniformity term: the mean over all ``B x B`` pairs (diagonal included) of ``(f̂_i · f̂_j)^2``.
+
+    ``f̂ = f / ||f||``. The sum of squared cosines equals both ``||F̂ F̂^T||_F^2`` (a ``B x B`` Gram
+    matrix) and ``||F̂^T F̂||_F^2`` (``D x D``); the smaller one is computed. Float32 (float64 for
+    float64 input), autocast disabled.
+
+    Args:
+        features (torch.Tensor): ``B x D`` features, e.g. the CLS token after the encoder's final norm.
+        return_stats (bool): also return :class:`UniformityStats`.
+
+    Returns:
+        torch.Tensor | tuple[torch.Tensor, UniformityStats]: the scalar term (and its diagnostics).
+
+    Example:
+        >>> loss = uniformity_loss(torch.randn(256, 768, requires_grad=True))
+        >>> loss.backward()
+    """
+    if features.dim() != 2:
+        raise ValueError(f"uniformity_loss needs B x D features, got shape {tuple(features.shape)}")
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    b, d = features.shape
+    device = features.device
+    with torch.autocast(device_type=device.type, enabled=False):
+        f = features.to(dtype)
+        if b == 0:
+            out = torch.zeros((), dtype=dtype, device=device)
+            stats = UniformityStats(torch.zeros((), dtype=torch.bool, device=device), out)
+        else:
+            unit = F.normalize(f, dim=1)
+            gram = unit @ unit.T if b <= d else unit.T @ unit
+            out = (gram * gram).sum() / (b * b)
+            if not return_stats:
+                return out
+            with torch.no_grad():
+                stats = UniformityStats(torch.ones((), dtype=torch.bool, device=device), f.norm(dim=1).mean())
+    return (out, stats) if return_stats else out
+
+
+class Uniformity(TapRegularizer):
+    """Adds the U-MAE uniformity term of the encoder's CLS token to the training loss.
+
+    Each training step (each microbatch) it computes :func:`uniformity_loss` on the CLS token after the
+    final LayerNorm of the model's timm ViT, as recorded during the training forward (the masked
+    forward, for the MAE), averages over the forward calls if the encoder ran several times, and adds
+    ``weight * U`` to ``state.loss['uniformity']``. It works on any ComposerModel holding a timm ViT with
+    a class token.
+
+    The term is batch-wide: it sees one microbatch, so set the microbatch to the per-device batch (a
+    warning says when it is smaller). The original U-MAE code gathered the features from all devices:
+    ``gather=True`` does that, with the gradient flowing back to each rank's own rows.
+
+    Logged every batch: ``uniformity/weight``; while the weight is not 0 also ``uniformity/term`` (the
+    unweighted ``U``) and ``uniformity/feature_norm`` (mean CLS norm before normalisation); the trainer
+    logs ``loss/train/uniformity`` (``weight * U``).
+
+    Args:
+        weight (float | dict | WeightSchedule): the weight, or a schedule. Default: ``0.01``, constant.
+        gather (bool): compute the term on the batch gathered from all ranks. Default: ``False``.
+
+    Example:
+        .. code-block:: python
+
+            from composer import Trainer
+            from magma_composer.algorithms.uniformity import Uniformity
+
+            trainer = Trainer(model=model, train_dataloader=loader, max_duration='200ep',
+                              algorithms=[Uniformity(weight=0.01)])
+    """
+
+    key = "uniformity"
+    stat_names = ("feature_norm",)
+
+    def __init__(self, weight: Union[float, Mapping[str, Any], WeightSchedule] = 0.01, gather: bool = False) -> None:
+        super().__init__(weight, gather)
+
+    def _request(self, tap: FeatureTap) -> None:
+        tap.request_cls()
+
+    def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, torch.Tensor]:
+        values, valids, norms = [], [], []
+        for features in tap.final_cls():
+            if self.gather:
+                features = all_gather_with_grad(features)
+            value, stats = uniformity_loss(features, return_stats=True)
+            values.append(value)
+            valids.append(stats.valid)
+            norms.append(stats.feature_norm)
+        n_valid = torch.stack(valids).sum()
+        denominator = n_valid.clamp_min(1)
+        term = torch.stack(values).sum() / denominator
+        record = torch.stack(
+            [
+                n_valid.float(),
+                n_valid.new_full((), len(values), dtype=torch.float32),
+                term.detach().float(),
+                torch.stack(norms).float().sum() / denominator,
+            ]
+        )
+        return term, record
+
+    def _skip_reason(self) -> str:
+        return "the batch is empty"

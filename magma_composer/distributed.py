@@ -1,0 +1,52 @@
+"""A differentiable all-gather for batch-wide regularisers (``gather=True``).
+
+MAGMA and uniformity are functions of the whole batch. With ``gather=True`` each rank gathers every
+rank's features, computes the term on the global batch, and the gradient flows back to each rank's own
+rows.
+
+What the user gets, exactly: every rank computes the same global term ``T`` (the same value on all
+ranks, which is also what the trainer logs). ``torch.distributed.nn.functional.all_gather`` sums, in
+its backward, the gradients that all ``N`` ranks' copies of ``T`` send to a rank's rows, so each rank's
+parameters receive ``N`` times ``dT/dtheta`` through its own rows; DDP then averages gradients over
+the ``N`` ranks. The two factors cancel: the parameters get exactly the gradient of ``T`` on the
+concatenated global batch, the same as a single process training on that batch. No rescaling is
+needed, and the local terms (e.g. the MAE loss, a mean over the local batch, averaged by DDP) keep
+their usual meaning. ``tests/test_gather_distributed.py`` checks this against a single-process run.
+
+Every rank must contribute a tensor of the same shape (the same local batch size). Composer's
+``DistributedSampler`` and ``StreamingDataset`` give every rank the same number of samples, so this
+holds unless a custom sampler hands ranks different batch sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = ["all_gather_with_grad", "world_size"]
+
+
+def world_size() -> int:
+    """The number of ranks in the default process group (1 when not distributed)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_world_size()
+    return 1
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``tensor`` from every rank along dim 0, keeping the gradient path to each rank's rows.
+
+    Rank ``r``'s rows come ``r``-th. Without an initialised process group (or with one rank) this is the
+    identity.
+
+    Args:
+        tensor (torch.Tensor): ``b x ...``, the same shape on every rank.
+
+    Returns:
+        torch.Tensor: ``(N * b) x ...``.
+    """
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)

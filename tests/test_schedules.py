@@ -1,0 +1,138 @@
+"""Weight schedules: values at the boundaries in every unit, YAML specs, errors, and purity (resume)."""
+
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from composer.core import Time, Timestamp
+
+from magma_composer.schedules import Constant, Linear, Warmup, build_schedule
+
+
+def at(schedule, max_duration=None, **progress):
+    """The schedule's value at a timestamp (``epoch=``, ``batch=``, ``sample=``...)."""
+    duration = Time.from_timestring(max_duration) if max_duration else None
+    return schedule.value_at(Timestamp(**progress), duration)
+
+
+@pytest.mark.parametrize(
+    "unit_key, start, end",
+    [
+        ("epoch", "10ep", "110ep"),
+        ("batch", "500ba", "600ba"),
+        ("sample", "1000sp", "2000sp"),
+        ("iteration", "2iter", "3iter"),
+    ],
+)
+def test_warmup_boundaries_each_unit(unit_key, start, end):
+    s = Warmup(start, end, value=2.0)
+    lo, hi = Time.from_timestring(start).value, Time.from_timestring(end).value
+    assert at(s, **{unit_key: 0}) == 0.0
+    assert at(s, **{unit_key: lo - 1}) == 0.0
+    assert at(s, **{unit_key: lo}) == 2.0  # on at start (inclusive)
+    assert at(s, **{unit_key: hi - 1}) == 2.0
+    assert at(s, **{unit_key: hi}) == 0.0  # off at end (exclusive)
+    assert at(s, **{unit_key: hi + 100}) == 0.0
+
+
+def test_warmup_published_imagenet100_schedule():
+    s = build_schedule({"type": "warmup", "start": "10ep", "end": "110ep", "value": 1.0})
+    values = [at(s, epoch=e, batch=e * 50) for e in range(400)]
+    assert values[:10] == [0.0] * 10
+    assert values[10:110] == [1.0] * 100
+    assert values[110:] == [0.0] * 290
+
+
+def test_duration_units_use_max_duration_in_its_own_unit():
+    s = Warmup("0.25dur", "0.5dur", value=1.0)
+    # max_duration in epochs: 0.25dur of 400ep is epoch 100
+    assert at(s, "400ep", epoch=99) == 0.0
+    assert at(s, "400ep", epoch=100) == 1.0
+    assert at(s, "400ep", epoch=199) == 1.0
+    assert at(s, "400ep", epoch=200) == 0.0
+    # max_duration in batches: 0.25dur of 1000ba is batch 250
+    assert at(s, "1000ba", batch=249) == 0.0
+    assert at(s, "1000ba", batch=250) == 1.0
+    assert at(s, "1000ba", batch=500) == 0.0
+    with pytest.raises(ValueError, match="max_duration"):
+        at(s, batch=3)
+
+
+def test_linear_ramp_values():
+    s = Linear("100ba", "200ba", start_value=0.5, end_value=1.5)
+    assert at(s, batch=0) == 0.5
+    assert at(s, batch=100) == 0.5
+    assert at(s, batch=150) == pytest.approx(1.0)
+    assert at(s, batch=175) == pytest.approx(1.25)
+    assert at(s, batch=200) == 1.5
+    assert at(s, batch=10_000) == 1.5
+    d = Linear("0dur", "0.5dur", start_value=0.0, end_value=1.0)
+    assert at(d, "100ba", batch=25) == pytest.approx(0.5)
+    assert at(d, "100ba", batch=80) == 1.0
+
+
+def test_intervals_and_constant():
+    s = build_schedule(
+        {"type": "intervals", "intervals": [["0ep", "2ep", 0.5], ["5ep", "6ep", 2.0], ["100ba", "101ba", 7.0]]}
+    )
+    assert [at(s, epoch=e) for e in range(8)] == [0.5, 0.5, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0]
+    assert at(s, epoch=3, batch=100) == 7.0  # a window in another unit
+    assert at(Constant(0.01), epoch=123, batch=4) == 0.01
+    assert build_schedule(0.01).value_at(Timestamp()) == 0.01
+    assert build_schedule(1).value_at(Timestamp()) == 1.0
+
+
+def test_yaml_specs_and_repr_round_trip():
+    spec = yaml.safe_load("{type: warmup, start: 10ep, end: 110ep, value: 1.0}")
+    s = build_schedule(spec)
+    assert repr(s) == "Warmup(start='10ep', end='110ep', value=1.0)"
+    assert eval(repr(s)).value_at(Timestamp(epoch=50)) == 1.0  # repr is valid Python
+    linear = build_schedule(yaml.safe_load("{type: linear, start: 0ba, end: 10ba, end_value: 2.0}"))
+    assert at(linear, batch=5) == pytest.approx(1.0)
+    assert build_schedule(s) is s
+
+
+def test_pure_function_of_timestamp_survives_a_checkpoint_round_trip():
+    spec = {"type": "warmup", "start": "3ba", "end": "5ba", "value": 1.0}
+    before = build_schedule(spec)
+    stamp = Timestamp(epoch=1, batch=4, sample=64, batch_in_epoch=2, sample_in_epoch=32)
+    restored = Timestamp()
+    restored.load_state_dict(stamp.state_dict())  # what a checkpoint restores
+    after = build_schedule(spec)  # a fresh object, as in a resumed run
+    state = SimpleNamespace(timestamp=restored, max_duration=Time.from_timestring("10ba"))
+    assert before.value_at(stamp) == after(state) == 1.0
+    assert after(SimpleNamespace(timestamp=Timestamp(batch=5), max_duration=None)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ({"type": "cosine"}, ValueError, "valid types are"),
+        ({"start": "1ep", "end": "2ep"}, ValueError, "weight.type=None"),
+        ({"type": "warmup", "start": "1ep"}, ValueError, r"missing \['end'\]"),
+        ({"type": "warmup", "start": "1ep", "end": "2ep", "lambda": 1}, ValueError, r"unknown keys \['lambda'\]"),
+        (
+            {"type": "warmup", "start": "ten epochs", "end": "2ep"},
+            ValueError,
+            "weight.start='ten epochs' is not a Composer",
+        ),
+        ({"type": "warmup", "start": 10, "end": "2ep"}, TypeError, "weight.start must be a Composer time string"),
+        ({"type": "warmup", "start": "5ep", "end": "2ep"}, ValueError, "must come before"),
+        ({"type": "warmup", "start": "1sec", "end": "2sec"}, ValueError, "unit 'sec' is not supported"),
+        ({"type": "warmup", "start": "1ep", "end": "2ep", "value": -1}, ValueError, "weight.value=-1.0 must be"),
+        ({"type": "linear", "start": "1ep", "end": "200ba"}, ValueError, "same unit"),
+        ({"type": "intervals", "intervals": [["0ep", "3ep", 1.0], ["2ep", "4ep", 1.0]]}, ValueError, "overlaps"),
+        (
+            {"type": "intervals", "intervals": [["0ep", "3ep"]]},
+            ValueError,
+            r"intervals\[0\] must be \[start, end, value\]",
+        ),
+        ({"type": "constant", "value": True}, TypeError, "must be a number"),
+        (True, TypeError, "must be a number or a mapping"),
+        ("0.5", TypeError, "must be a number or a mapping"),
+        (float("nan"), ValueError, "finite"),
+    ],
+)
+def test_bad_specs_give_clear_errors(spec, error, message):
+    with pytest.raises(error, match=message):
+        build_schedule(spec)
