@@ -75,7 +75,7 @@ class DataConfig:
     cache_limit: str | None = None  #: e.g. 100gb: evict shards beyond this
     download_retry: int = 2
     download_timeout: float = 60.0
-    validate_hash: str | None = None
+    validate_hash: str = "auto"  #: auto (xxh64 when the shards carry it) | xxh64 | sha1 | ... | none
     drop_last: bool = True
     max_samples: int | None = None  #: use only the first N samples (subset experiments)
     persistent_workers: bool = True

@@ -86,7 +86,8 @@ def build_dataset(cfg: DataConfig, image_size: int, train: bool, seed: int, tag:
         download_retry=cfg.download_retry,
         download_timeout=cfg.download_timeout,
     )
-    for key in ("num_canonical_nodes", "predownload", "cache_limit", "validate_hash"):
+    kwargs["validate_hash"] = None if cfg.validate_hash == "none" else cfg.validate_hash
+    for key in ("num_canonical_nodes", "predownload", "cache_limit"):
         if getattr(cfg, key) is not None:
             kwargs[key] = getattr(cfg, key)
     if cfg.max_samples is not None:

@@ -6,8 +6,8 @@ import io
 from typing import Any, Callable, Sequence
 
 from PIL import Image
-from streaming import StreamingDataset
 
+from magma_composer.data.storage import CheckedStreamingDataset
 from magma_composer.data.transforms import eval_transform, train_transform
 
 __all__ = ["StreamingImageDataset", "decode_image"]
@@ -20,10 +20,15 @@ def decode_image(data: Any) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
-class StreamingImageDataset(StreamingDataset):
+class StreamingImageDataset(CheckedStreamingDataset):
     """Image classification shards in MDS format (columns ``x``: JPEG bytes, ``y``: int label).
 
     Yields ``(image, label)``: a ``3 x S x S`` float tensor and an int.
+
+    Built on :class:`~magma_composer.data.storage.CheckedStreamingDataset`: the data set's index is checked
+    first (a clear error naming the endpoint, bucket and prefix), shards are hash-checked (``validate_hash``,
+    default ``'auto'``), and a shard that cannot be fetched or fails its check is a clear error, never a
+    silently short epoch.
 
     Args:
         remote (str, optional): where the shards live: a local folder or a URI (``s3://bucket/prefix``;
@@ -38,7 +43,7 @@ class StreamingImageDataset(StreamingDataset):
         resize_ratio (float): evaluation resize, see :func:`~magma_composer.data.transforms.eval_transform`.
         transform (Callable, optional): replaces the transform above entirely.
         **streaming_kwargs: passed to :class:`streaming.StreamingDataset` (``shuffle``, ``batch_size``,
-            ``predownload``, ``cache_limit``, ``num_canonical_nodes``, ``shuffle_algo``, ...).
+            ``validate_hash``, ``predownload``, ``cache_limit``, ``num_canonical_nodes``, ``shuffle_algo``, ...).
     """
 
     def __init__(

@@ -1,0 +1,201 @@
+"""Images per second per loader worker: MDS streaming (``StreamingImageDataset``) against torchvision ``ImageFolder``.
+
+Both loaders read the same JPEG bytes and apply the same MAE training transform
+(:func:`magma_composer.data.transforms.train_transform`: RandomResizedCrop, flip, to tensor, normalise) in
+``DataLoader`` worker processes:
+
+* ``32 px``: real CIFAR-10 JPEGs (32 x 32) as they come, cropped to 32 px;
+* ``256 px``: the same images scaled to a 256 px shorter side and re-encoded by the converter
+  (``convert_image_folder(resize=256)``), cropped to 224 px: ImageNet as ``--resize 256`` stores it. ImageNet's
+  original JPEGs (mostly around 500 x 375) cost more to decode: for those, read this figure as an upper bound.
+
+The ``ImageFolder`` tree of the 256 px set is written from the MDS samples, so both loaders decode identical bytes;
+all files sit in the page cache (the local-disk best case for ``ImageFolder``). Each measurement is one pass over
+the images after a warm-up batch, and the loaders alternate. Two figures per loader: images per second of wall
+clock (the best of ``--repeats`` passes, since other jobs on the machine only ever slow a pass down) and images per
+CPU second of the worker processes (all their threads, from ``/proc``; the median pass), which is what one
+dedicated core per worker delivers and hardly depends on what else runs on the machine. Usage::
+
+    python bench/data_pipeline.py                        # 300 images per class (3,000), 1 worker
+    python bench/data_pipeline.py --per-class 100 --workers 2 --json runs/data_pipeline.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from streaming import StreamingDataset  # noqa: E402
+from torchvision.datasets import ImageFolder  # noqa: E402
+
+from magma_composer.data.convert import convert_image_folder  # noqa: E402
+from magma_composer.data.dataset import StreamingImageDataset  # noqa: E402
+from magma_composer.data.storage import CheckedStreamingDataset  # noqa: E402
+from magma_composer.data.transforms import train_transform  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+#: the MDS data set classes measured: the project's, and (until it inherits it) with the checked base class
+MDS_CLASSES = {"mds": StreamingImageDataset}
+if not issubclass(StreamingImageDataset, CheckedStreamingDataset):
+    MDS_CLASSES["mds_checked"] = type("CheckedImages", (StreamingImageDataset, CheckedStreamingDataset), {})
+LABELS = {"mds": "StreamingImageDataset", "mds_checked": "+ CheckedStreaming"}
+CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def extract_cifar(tarball: Path, dest: Path, per_class: int) -> Path:
+    """The first ``per_class`` training JPEGs of each CIFAR-10 class as ``dest/<class>/<name>.jpg``."""
+    counts: dict[str, int] = {}
+    with tarfile.open(tarball) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] != "train" or not member.name.endswith(".jpg"):
+                continue
+            cls = parts[-2]
+            if counts.get(cls, 0) >= per_class:
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
+            (dest / cls).mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src:
+                (dest / cls / parts[-1]).write_bytes(src.read())
+    return dest
+
+
+def dump_image_folder(mds: Path, classes: list[str], dest: Path) -> Path:
+    """Writes every sample of an MDS folder back out as ``dest/<class>/<i>.jpg`` (the very same bytes)."""
+    dataset = StreamingDataset(local=str(mds), batch_size=1)
+    for k in range(dataset.num_samples):
+        sample = dataset[k]
+        folder = dest / classes[int(sample["y"])]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{int(sample['i']):06d}.jpg").write_bytes(sample["x"])
+    return dest
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (all their threads), from ``/proc``."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def one_pass(dataset, workers: int, batch_size: int, shuffle: bool) -> tuple[int, float, float]:
+    """One pass over ``dataset`` after a warm-up batch: images, wall seconds, and the workers' CPU seconds."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=shuffle,
+        worker_init_fn=_worker_init,
+        persistent_workers=False,
+    )
+    iterator = iter(loader)
+    next(iterator)  # warm-up: workers started, first shard / files opened
+    pids = [w.pid for w in iterator._workers]
+    cpu_start, start, images = _cpu_seconds(pids), time.perf_counter(), 0
+    cpu_end = cpu_start
+    for images_batch, _ in iterator:
+        images += len(images_batch)
+        cpu_end = _cpu_seconds(pids)  # read after every batch: the workers are gone once the pass is over
+    return images, time.perf_counter() - start, cpu_end - cpu_start
+
+
+def measure(
+    name: str, mds: Path, folder: Path, crop: int, workers: int, batch_size: int, repeats: int
+) -> dict[str, object]:
+    """Images per second per worker, by wall clock (best pass) and per CPU second of the workers (median pass)."""
+    transform = train_transform(crop)
+    wall: dict[str, list[float]] = {loader: [] for loader in [*MDS_CLASSES, "imagefolder"]}
+    cpu: dict[str, list[float]] = {loader: [] for loader in wall}
+    for _ in range(repeats):
+        datasets = {
+            loader: cls(local=str(mds), image_size=crop, batch_size=batch_size, shuffle=True)
+            for loader, cls in MDS_CLASSES.items()
+        }
+        datasets["imagefolder"] = ImageFolder(str(folder), transform=transform)
+        for loader, dataset in datasets.items():
+            # streaming shuffles by itself; ImageFolder through the sampler
+            images, seconds, cpu_seconds = one_pass(dataset, workers, batch_size, shuffle=loader == "imagefolder")
+            wall[loader].append(images / seconds / workers)
+            cpu[loader].append(images / cpu_seconds)
+    result: dict[str, object] = {"set": name, "crop": crop, "images": len(datasets["imagefolder"]), "workers": workers}
+    for loader in wall:
+        result[f"{loader}_wall"] = max(wall[loader])
+        result[f"{loader}_cpu"] = statistics.median(cpu[loader])
+    for loader in MDS_CLASSES:
+        result[f"{loader}_wall_ratio"] = max(wall[loader]) / max(wall["imagefolder"])
+        result[f"{loader}_cpu_ratio"] = statistics.median(cpu[loader]) / statistics.median(cpu["imagefolder"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tarball", type=Path, default=CIFAR_TARBALL, help="CIFAR-10 JPEG tarball")
+    parser.add_argument("--per-class", type=int, default=300, help="training images per class (default 300)")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="passes per loader; the best is kept (default 3)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not args.tarball.is_file():
+        parser.error(f"--tarball {args.tarball} not found: the benchmark needs the CIFAR-10 JPEG tarball")
+    torch.set_num_threads(1)
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-data-"))
+    for stale in ("jpeg32", "mds32", "mds256", "jpeg256"):
+        shutil.rmtree(work / stale, ignore_errors=True)
+    src32 = extract_cifar(args.tarball, work / "jpeg32", args.per_class)
+    classes = sorted(p.name for p in src32.iterdir())
+    convert_image_folder(src32, work / "mds32", progress=False)
+    convert_image_folder(src32, work / "mds256", resize=256, quality=90, progress=False)
+    src256 = dump_image_folder(work / "mds256", classes, work / "jpeg256")
+
+    results = [
+        measure("CIFAR-10 JPEGs at 32 px", work / "mds32", src32, 32, args.workers, args.batch_size, args.repeats),
+        measure(
+            "same at 256 px (converter)", work / "mds256", src256, 224, args.workers, args.batch_size, args.repeats
+        ),
+    ]
+    print(
+        f"images per second per loader worker: by wall clock (best of {args.repeats} passes) / per CPU second of "
+        f"the worker (median); {args.workers} worker(s), batch {args.batch_size}, MAE train transform, "
+        f"{os.cpu_count()} cores ({platform.machine()})"
+    )
+    header = f"{'images':<28} {'crop':>4} {'n':>5} {'ImageFolder':>13}"
+    for loader in MDS_CLASSES:
+        header += f" {LABELS[loader]:>22} {'ratio':>11}"
+    print(header)
+    for r in results:
+        line = f"{r['set']:<28} {r['crop']:>4} {r['images']:>5}"
+        line += f" {r['imagefolder_wall']:>6.0f} /{r['imagefolder_cpu']:>5.0f}"
+        for loader in MDS_CLASSES:
+            line += f" {r[f'{loader}_wall']:>15.0f} /{r[f'{loader}_cpu']:>5.0f}"
+            line += f" {r[f'{loader}_wall_ratio']:>5.2f} /{r[f'{loader}_cpu_ratio']:>4.2f}"
+        print(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
