@@ -108,7 +108,9 @@ class FeatureTap:
             tokens = output[0] if isinstance(output, (tuple, list)) else output
             if self._grad_expected and not tokens.requires_grad:
                 self._grad_missing = True
-            self.block_means[index].append(tokens[:, self.num_prefix_tokens :].float().mean(dim=1))
+            # reduce in float32 (float64 stays float64) without a float32 copy of the whole activation
+            dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+            self.block_means[index].append(tokens[:, self.num_prefix_tokens :].mean(dim=1, dtype=dtype))
 
         return hook
 
@@ -116,7 +118,8 @@ class FeatureTap:
         if not self.armed:
             return
         tokens = output[0] if isinstance(output, (tuple, list)) else output
-        self.cls_tokens.append(tokens[:, 0].float())
+        cls = tokens[:, 0]
+        self.cls_tokens.append(cls if cls.dtype == torch.float64 else cls.float())
 
     # ------------------------------------------------------------------ per step
     def arm(self) -> None:
