@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any, Callable, Sequence
 
+import torch
 from PIL import Image
 
 from magma_composer.data.storage import CheckedStreamingDataset
@@ -42,6 +43,9 @@ class StreamingImageDataset(CheckedStreamingDataset):
         normalize (str): ``'imagenet'`` or ``'none'`` (pixels in [0, 1]).
         resize_ratio (float): evaluation resize, see :func:`~magma_composer.data.transforms.eval_transform`.
         transform (Callable, optional): replaces the transform above entirely.
+        augment_seed (int, optional): training augmentations are drawn from a generator seeded by
+            ``(augment_seed, epoch, sample index)``, not from the global RNG, so that they are the same in any
+            loader worker and after a resumption from a checkpoint. Default: the shuffle seed.
         **streaming_kwargs: passed to :class:`streaming.StreamingDataset` (``shuffle``, ``batch_size``,
             ``validate_hash``, ``predownload``, ``cache_limit``, ``num_canonical_nodes``, ``shuffle_algo``, ...).
     """
@@ -58,6 +62,7 @@ class StreamingImageDataset(CheckedStreamingDataset):
         normalize: str = "imagenet",
         resize_ratio: float = 1.0,
         transform: Callable | None = None,
+        augment_seed: int | None = None,
         **streaming_kwargs: Any,
     ) -> None:
         if remote is None and local is None:
@@ -71,7 +76,19 @@ class StreamingImageDataset(CheckedStreamingDataset):
             )
         self.transform = transform
         self.image_size = image_size
+        self.train = train
+        self.augment_seed = int(self.shuffle_seed if augment_seed is None else augment_seed)
+
+    def _sample_seed(self, index: int) -> int:
+        epoch = max(0, int(getattr(self, "next_epoch", 1)) - 1)  # streaming sets next_epoch when an epoch starts
+        return (((self.augment_seed * 1_000_003) + epoch) * 2_147_483_647 + int(index)) % (1 << 63)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         sample = super().__getitem__(index)
-        return self.transform(decode_image(sample["x"])), int(sample["y"])
+        image = decode_image(sample["x"])
+        if not self.train:
+            return self.transform(image), int(sample["y"])
+        # torchvision's random transforms draw from torch's global CPU generator: give them a per-sample seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._sample_seed(index))
+            return self.transform(image), int(sample["y"])

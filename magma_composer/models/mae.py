@@ -244,6 +244,10 @@ class ComposerMAE(ComposerModel):
         decoder_depth (int): decoder blocks.
         decoder_heads (int): decoder heads.
         in_chans (int): image channels.
+        mask_seed (int, optional): the training masks come from a generator seeded by
+            ``(mask_seed, global rank, training forward count)``, not from the global RNG; the count is saved
+            in the state dict, so a run resumed from a checkpoint (even mid-epoch) draws the same masks as an
+            uninterrupted one. Default: drawn from torch's global RNG at construction (set by the trainer's seed).
 
     Example:
         .. code-block:: python
@@ -265,6 +269,7 @@ class ComposerMAE(ComposerModel):
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         in_chans: int = 3,
+        mask_seed: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -286,7 +291,24 @@ class ComposerMAE(ComposerModel):
         self.patch_masking = True
         self.pixel_loss = True
         self.val_metrics = {"ReconstructionMSE": MeanMetric()}
-        self._eval_generator: torch.Generator | None = None
+        self.mask_seed = int(torch.randint(0, 2**62, ()).item()) if mask_seed is None else int(mask_seed)
+        self._mask_step = 0
+
+    def get_extra_state(self) -> dict[str, int]:
+        """The mask generator's seed and position, saved with the weights."""
+        return {"mask_seed": self.mask_seed, "mask_step": self._mask_step}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.mask_seed, self._mask_step = int(state["mask_seed"]), int(state["mask_step"])
+
+    def _mask_generator(self, device: torch.device) -> torch.Generator:
+        from composer.utils import dist
+
+        generator = torch.Generator(device=device)
+        mixed = self.mask_seed * 1_000_003 + dist.get_global_rank() * 7_919 + self._mask_step
+        generator.manual_seed(mixed % (1 << 63))
+        self._mask_step += 1
+        return generator
 
     @property
     def encoder(self) -> VisionTransformer:
@@ -306,7 +328,8 @@ class ComposerMAE(ComposerModel):
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         images = self._images(batch)
         ratio = self.mask_ratio if self.patch_masking else 0.0
-        return self.net(images, ratio)
+        generator = self._mask_generator(images.device) if ratio > 0 and self.training else None
+        return self.net(images, ratio, generator)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> dict[str, torch.Tensor]:
         if not self.pixel_loss:
