@@ -67,7 +67,7 @@ class DataConfig:
     normalize: str = "imagenet"  #: imagenet | none (pixels in [0, 1], for PCA masking)
     resize_ratio: float = 1.0  #: evaluation: resize to image_size / resize_ratio, then centre crop
     num_workers: int = 2
-    shuffle: bool | None = None  #: default: true for train_data, false for eval_data
+    shuffle: bool | None = None  #: default true (seeded): capped kNN sets and pictures then span the classes
     shuffle_seed: int | None = None  #: default: the recipe's seed
     shuffle_algo: str = "py1e"
     num_canonical_nodes: int | None = None  #: keep fixed across resumptions with different node counts

@@ -77,7 +77,8 @@ def build_dataset(cfg: DataConfig, image_size: int, train: bool, seed: int, tag:
         remote, local = None, cfg.remote
         if cfg.local is not None:
             remote, local = cfg.remote, cfg.local
-    shuffle = train if cfg.shuffle is None else cfg.shuffle
+    # evaluation data is shuffled too (seeded, so deterministic): capped kNN queries and pictures then span the classes
+    shuffle = True if cfg.shuffle is None else cfg.shuffle
     kwargs: dict[str, Any] = dict(
         shuffle=shuffle,
         shuffle_seed=cfg.shuffle_seed if cfg.shuffle_seed is not None else seed,
@@ -176,7 +177,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         eval_loader = build_dataloader(cfg.eval_data, eval_size, train=False, seed=cfg.seed, tag="eval")
 
     def bank_loader():  # the kNN memory bank: the training split with the evaluation transform
-        bank_cfg = DataConfig(**{**cfg.train_data.__dict__, "shuffle": False, "max_samples": None})
+        # seeded shuffle: a capped bank (knn_monitor.max_train_samples) is then a random subset, not the first classes
+        bank_cfg = DataConfig(**{**cfg.train_data.__dict__, "shuffle": True, "max_samples": None})
         return build_dataloader(bank_cfg, image_size, train=False, seed=cfg.seed, tag="bank")
 
     def test_loader():
