@@ -65,3 +65,19 @@ def test_base_recipe_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml.*the base of"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_pmae_recipes_follow_the_pmae_paper():
+    cfg = load_config(REPO / "yamls" / "cifar10" / "pmae-vit-tiny.yaml")
+    assert cfg.model.encoder == "vit_tiny_patch16_224" and (cfg.model.img_size, cfg.model.patch_size) == (32, 8)
+    assert (cfg.model.decoder_dim, cfg.model.decoder_depth) == (512, 8)
+    pca = cfg.algorithms["pca_masking"]
+    assert pca["ratio"] == 0.2 and pca["per_sample"] is False and pca["residual"] == "drop"
+    assert cfg.scheduler.warmup == "40ep" and cfg.max_duration == "800ep"
+    assert cfg.optimizer.base_lr == 1.5e-4 and cfg.optimizer.betas == [0.9, 0.95] and cfg.optimizer.weight_decay == 0.05
+    assert cfg.train_data.crop_scale == [0.2, 1.0] and cfg.train_data.hflip
+    assert cfg.train_data.normalize == "none" and cfg.eval_data.normalize == "none"
+    big = load_config(IMAGENET / "pmae-vitb16.yaml")
+    check_mae_vitb16_model = big.model
+    assert (check_mae_vitb16_model.img_size, check_mae_vitb16_model.patch_size) == (224, 16)
+    assert big.algorithms["pca_masking"]["ratio"] == 0.2 and big.train_data.normalize == "none"
