@@ -116,7 +116,11 @@ class WeightSchedule(ABC):
     """
 
     def __call__(self, state: State) -> float:
-        return self.value_at(state.timestamp, state.max_duration)
+        max_duration = state.max_duration
+        # a 'dur' time of a run measured in epochs: count progress in batches, not whole epochs
+        if max_duration is not None and max_duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
+            max_duration = Time(int(max_duration.value) * int(state.dataloader_len), TimeUnit.BATCH)
+        return self.value_at(state.timestamp, max_duration)
 
     @abstractmethod
     def value_at(self, timestamp: Timestamp, max_duration: Time | None = None) -> float:

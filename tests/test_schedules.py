@@ -136,3 +136,23 @@ def test_pure_function_of_timestamp_survives_a_checkpoint_round_trip():
 def test_bad_specs_give_clear_errors(spec, error, message):
     with pytest.raises(error, match=message):
         build_schedule(spec)
+
+
+def test_dur_window_of_an_epoch_run_counts_batches():
+    """A 'dur' window inside the first epoch of an epoch-measured run switches on and off within it."""
+    from types import SimpleNamespace
+
+    from composer.core import Time, Timestamp
+
+    from magma_composer.schedules import build_schedule
+
+    schedule = build_schedule({"type": "warmup", "start": "0.025dur", "end": "0.275dur", "value": 1.0})
+    values = []
+    for batch in range(30):  # 3 epochs of 10 batches
+        state = SimpleNamespace(
+            timestamp=Timestamp(epoch=batch // 10, batch=batch),
+            max_duration=Time.from_timestring("3ep"),
+            dataloader_len=10,
+        )
+        values.append(schedule(state))
+    assert values == [0.0] + [1.0] * 8 + [0.0] * 21
