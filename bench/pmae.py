@@ -49,13 +49,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from composer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import StepTimer  # noqa: E402  (the round-robin step timer of the MAGMA overhead benchmark)
+from overhead import build_trainer  # noqa: E402  (the timed Trainer of the MAGMA overhead benchmark)
 
 from magma_composer.algorithms.pca_masking import PCAMasking  # noqa: E402
-from magma_composer.models import ComposerMAE  # noqa: E402
 from magma_composer.pca import PCABasis, fit_pca  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -103,24 +101,7 @@ def bench_step(args: argparse.Namespace) -> dict:
 
     runs = {}
     for name, algorithms in (("MAE", []), ("PMAE", [PCAMasking(basis, ratio=0.2)])):
-        torch.manual_seed(0)
-        model = ComposerMAE(preset["encoder"], img_size=preset["img_size"], patch_size=preset["patch_size"])
-        timer = StepTimer(cuda=device == "cuda")
-        trainer = Trainer(
-            model=model,
-            train_dataloader=batches,
-            device_train_microbatch_size=preset["batch_size"],
-            algorithms=algorithms,
-            callbacks=[timer],
-            optimizers=torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05),
-            precision=preset["precision"],
-            device="gpu" if device == "cuda" else "cpu",
-            progress_bar=False,
-            log_to_console=False,
-            loggers=[],
-            run_name=f"pmae-bench-{name}",
-            seed=0,
-        )
+        trainer, timer = build_trainer(f"pmae-bench-{name}", algorithms, preset, device, batches)
         runs[name] = (trainer, timer)
     for turn in range(args.repeats + 1):  # turn 0 warms up and is discarded
         for trainer, timer in runs.values():
