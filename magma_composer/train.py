@@ -16,6 +16,7 @@ Every key of the recipe is checked (:mod:`magma_composer.config`) before any mod
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import sys
 import tempfile
@@ -150,8 +151,6 @@ def _build_components(section: dict, reg: dict, kind: str, injected: dict) -> li
     for name, options in section.items():
         cls = registry.resolve(reg, name, kind)
         options = dict(options or {})
-        import inspect
-
         params = inspect.signature(cls.__init__).parameters
         for key, value in injected.items():
             if key in params and key not in options:
