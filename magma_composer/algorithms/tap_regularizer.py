@@ -121,6 +121,22 @@ class TapRegularizer(Algorithm):
         detached float32 vector ``[n_valid, n_total, term, *stats]`` for logging (``term`` and the stats
         averaged over the valid parts)."""
 
+    @staticmethod
+    def _average_valid(
+        values: list[torch.Tensor], valids: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Averages the parts of a term over the valid ones (no device sync).
+
+        Returns:
+            ``(term, denominator, head)``: the mean of the valid parts (0 if none), the number of valid parts
+            (at least 1, to average the stats with), and the record's first entries ``[n_valid, n_total, term]``.
+        """
+        n_valid = torch.stack(valids).sum()
+        denominator = n_valid.clamp_min(1)
+        term = torch.stack(values).sum() / denominator
+        head = [n_valid.float(), n_valid.new_full((), len(values), dtype=torch.float32), term.detach().float()]
+        return term, denominator, head
+
     # ------------------------------------------------------------------ events
     def match(self, event: Event, state: State) -> bool:
         return event in _EVENTS

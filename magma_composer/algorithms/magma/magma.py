@@ -257,14 +257,10 @@ class MAGMA(TapRegularizer):
                 gammas.append(stats.gamma)
                 affinities.append(stats.mean_affinity)
             norms.append(y.detach().float().norm(dim=1).mean())
-        n_valid = torch.stack(valids).sum()
-        denominator = n_valid.clamp_min(1)
-        term = torch.stack(values).sum() / denominator
+        term, denominator, head = self._average_valid(values, valids)
         record = torch.stack(
-            [
-                n_valid.float(),
-                n_valid.new_full((), len(values), dtype=torch.float32),
-                term.detach().float(),
+            head
+            + [
                 torch.stack(gammas).float().sum() / denominator,
                 torch.stack(affinities).float().sum() / denominator,
                 torch.stack(norms).mean(),

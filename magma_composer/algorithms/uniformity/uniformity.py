@@ -122,17 +122,8 @@ class Uniformity(TapRegularizer):
             values.append(value)
             valids.append(stats.valid)
             norms.append(stats.feature_norm)
-        n_valid = torch.stack(valids).sum()
-        denominator = n_valid.clamp_min(1)
-        term = torch.stack(values).sum() / denominator
-        record = torch.stack(
-            [
-                n_valid.float(),
-                n_valid.new_full((), len(values), dtype=torch.float32),
-                term.detach().float(),
-                torch.stack(norms).float().sum() / denominator,
-            ]
-        )
+        term, denominator, head = self._average_valid(values, valids)
+        record = torch.stack(head + [torch.stack(norms).float().sum() / denominator])
         return term, record
 
     def _skip_reason(self) -> str:
