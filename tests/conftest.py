@@ -89,3 +89,26 @@ def tiny_recipe(remote: Path, **overrides) -> dict:
     }
     recipe.update(overrides)
     return recipe
+
+
+def quick_trainer(model, algorithms, loader, max_duration="2ba", callbacks=(), **kwargs):
+    """A CPU Trainer with SGD and an in-memory logger, for a few steps of an algorithm test."""
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+
+    logger = InMemoryLogger()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader,
+        max_duration=max_duration,
+        algorithms=algorithms,
+        callbacks=list(callbacks),
+        loggers=[logger],
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.01),
+        progress_bar=False,
+        log_to_console=False,
+        device="cpu",
+        seed=0,
+        **kwargs,
+    )
+    return trainer, logger

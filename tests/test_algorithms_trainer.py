@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from composer import Callback, Trainer
-from composer.loggers import InMemoryLogger
+from composer import Callback
 from composer.models import ComposerModel
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, TensorDataset
 
 from magma_composer.algorithms.magma import MAGMA, magma_loss
 from magma_composer.algorithms.uniformity import Uniformity, uniformity_loss
+from tests.conftest import quick_trainer
 
 REFERENCE, TARGET, MAGMA_WEIGHT, UNIFORMITY_WEIGHT = 1, 3, 1.0, 0.5
 
@@ -76,20 +76,9 @@ def _data(n=16):
 
 
 def _fit(algorithms, max_duration="2ba", **kwargs):
-    model, probe, logger = TinySimCLR(), _Probe(), InMemoryLogger()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataLoader(_data(), batch_size=4),
-        max_duration=max_duration,
-        algorithms=algorithms,
-        callbacks=[probe],
-        loggers=[logger],
-        optimizers=torch.optim.SGD(model.parameters(), lr=0.01),
-        progress_bar=False,
-        log_to_console=False,
-        device="cpu",
-        seed=0,
-        **kwargs,
+    model, probe = TinySimCLR(), _Probe()
+    trainer, logger = quick_trainer(
+        model, algorithms, DataLoader(_data(), batch_size=4), max_duration, [probe], **kwargs
     )
     trainer.fit()
     return trainer, probe, logger

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from composer import Callback, Trainer
-from composer.loggers import InMemoryLogger
+from composer import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from magma_composer.algorithms.magma import MAGMA, magma_loss
 from magma_composer.models import ComposerMAE
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, quick_trainer
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "golden_v1.json").read_text())
 
@@ -156,22 +155,7 @@ def _loader(n=16, batch_size=8):
 
 
 def _trainer(model, algorithms, batch_size=8, max_duration="2ba", callbacks=(), **kwargs):
-    logger = InMemoryLogger()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=_loader(batch_size=batch_size),
-        max_duration=max_duration,
-        algorithms=algorithms,
-        callbacks=list(callbacks),
-        loggers=[logger],
-        optimizers=torch.optim.SGD(model.parameters(), lr=0.01),
-        progress_bar=False,
-        log_to_console=False,
-        device="cpu",
-        seed=0,
-        **kwargs,
-    )
-    return trainer, logger
+    return quick_trainer(model, algorithms, _loader(batch_size=batch_size), max_duration, callbacks, **kwargs)
 
 
 def _series(logger, key):

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from composer import Callback, Trainer
-from composer.loggers import InMemoryLogger
+from composer import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from magma_composer.algorithms.uniformity import Uniformity, uniformity_loss
 from magma_composer.models import ComposerMAE
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, quick_trainer
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "golden_v1.json").read_text())
 
@@ -94,21 +93,7 @@ class _RecomputeUniformity(Callback):
 def _trainer(model, algorithms, callbacks=(), max_duration="2ba"):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.zeros(16, dtype=torch.long))
-    logger = InMemoryLogger()
-    trainer = Trainer(
-        model=model,
-        train_dataloader=DataLoader(data, batch_size=8),
-        max_duration=max_duration,
-        algorithms=algorithms,
-        callbacks=list(callbacks),
-        loggers=[logger],
-        optimizers=torch.optim.SGD(model.parameters(), lr=0.01),
-        progress_bar=False,
-        log_to_console=False,
-        device="cpu",
-        seed=0,
-    )
-    return trainer, logger
+    return quick_trainer(model, algorithms, DataLoader(data, batch_size=8), max_duration, callbacks)
 
 
 def _mae(mask_ratio):
