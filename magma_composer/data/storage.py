@@ -388,7 +388,9 @@ class CheckedStreamingDataset(StreamingDataset):
         time (which halved the images per second of a loader worker on 32 px images). A shard evicted meanwhile
         is fetched again by :meth:`get_item`, as in streaming's own lock-free shortcut there.
         """
-        if not blocking and self._shard_states[shard_id] == _LOCAL and self._uncompressed[shard_id]:
+        # the shortcut is only safe while no shard can be evicted under it (no cache_limit)
+        lock_free = getattr(self, "cache_limit", None) is None and self._uncompressed[shard_id]
+        if not blocking and lock_free and self._shard_states[shard_id] == _LOCAL:
             self._shard_access_times[shard_id] = time.time_ns()
             return
         failure = getattr(self, "_first_failure", None)
