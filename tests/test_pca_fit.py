@@ -24,15 +24,6 @@ from tests.s3_server import moto_server, s3  # noqa: F401  (fixtures)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two threads per process made these steps several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def max_angle(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest principal angle (radians) between the column spaces of orthonormal ``a`` and ``b``."""
     a, b = a.double(), b.double()

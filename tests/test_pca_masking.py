@@ -35,15 +35,6 @@ def tiny_mae(img_size: int = SIZE, patch_size: int = PATCH) -> ComposerMAE:
     return ComposerMAE(TINY, img_size=img_size, patch_size=patch_size, decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two threads per process made these steps up to 25x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def as_mask(masked, k: int) -> torch.Tensor:
     mask = torch.zeros(k, dtype=torch.bool)
     mask[torch.as_tensor(masked, dtype=torch.long)] = True
