@@ -43,15 +43,22 @@ from torchvision.datasets import ImageFolder  # noqa: E402
 
 from magma_composer.data.convert import convert_image_folder  # noqa: E402
 from magma_composer.data.dataset import StreamingImageDataset  # noqa: E402
-from magma_composer.data.storage import CheckedStreamingDataset  # noqa: E402
 from magma_composer.data.transforms import train_transform  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-#: the MDS data set classes measured: the project's, and (until it inherits it) with the checked base class
-MDS_CLASSES = {"mds": StreamingImageDataset}
-if not issubclass(StreamingImageDataset, CheckedStreamingDataset):
-    MDS_CLASSES["mds_checked"] = type("CheckedImages", (StreamingImageDataset, CheckedStreamingDataset), {})
-LABELS = {"mds": "StreamingImageDataset", "mds_checked": "+ CheckedStreaming"}
+
+
+class StreamingOwnIteration(StreamingImageDataset):
+    """The same images and transform, read through streaming 0.13's own iteration (its threads, locks, reads)."""
+
+    __iter__ = StreamingDataset.__iter__
+    get_item = StreamingDataset.get_item
+    prepare_shard = StreamingDataset.prepare_shard
+
+
+#: the MDS data set classes measured: the project's, and the same read by streaming's own machinery
+MDS_CLASSES = {"mds": StreamingImageDataset, "streaming": StreamingOwnIteration}
+LABELS = {"mds": "StreamingImageDataset", "streaming": "streaming's iteration"}
 CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 

@@ -74,7 +74,9 @@ class DataConfig:
     predownload: int | None = None
     cache_limit: str | None = None  #: e.g. 100gb: evict shards beyond this
     download_retry: int = 2
-    download_timeout: float = 60.0
+    download_timeout: float = 60.0  #: seconds per S3 request (connect and read)
+    download_threads: int = 1  #: shards fetched at once per loader worker
+    shard_deadline: float | None = None  #: seconds to wait for one shard; default from the two above
     validate_hash: str = "auto"  #: auto (xxh64 when the shards carry it) | xxh64 | sha1 | ... | none
     drop_last: bool = True
     max_samples: int | None = None  #: use only the first N samples (subset experiments)
@@ -318,6 +320,10 @@ def validate(raw: dict) -> TrainConfig:
             continue
         if data.batch_size <= 0:
             raise ConfigError(f"{section}.batch_size: must be positive, got {data.batch_size}")
+        for key in ("download_threads", "download_timeout", "shard_deadline"):
+            value = getattr(data, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{section}.{key}: must be positive, got {value}")
         if data.normalize not in ("imagenet", "none"):
             raise ConfigError(f"{section}.normalize: {data.normalize!r} is not valid; choose imagenet or none")
         if len(data.crop_scale) != 2 or not 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1:

@@ -87,6 +87,8 @@ def build_dataset(cfg: DataConfig, image_size: int, train: bool, seed: int, tag:
         batch_size=cfg.batch_size,
         download_retry=cfg.download_retry,
         download_timeout=cfg.download_timeout,
+        download_threads=cfg.download_threads,
+        shard_deadline=cfg.shard_deadline,
     )
     kwargs["validate_hash"] = None if cfg.validate_hash == "none" else cfg.validate_hash
     for key in ("num_canonical_nodes", "predownload", "cache_limit"):

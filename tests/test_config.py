@@ -35,6 +35,8 @@ def base():
         (lambda r: r.update(loggers={"tensorboard": {}}), "unknown logger 'loggers.tensorboard'"),
         (lambda r: r.update(algorithms={"mixup": {}}), "unknown algorithm 'algorithms.mixup'"),
         (lambda r: r["train_data"].update(normalize="zscore"), "train_data.normalize: 'zscore' is not valid"),
+        (lambda r: r["train_data"].update(shard_deadline=0), "train_data.shard_deadline: must be positive"),
+        (lambda r: r["train_data"].update(download_threads=0), "train_data.download_threads: must be positive"),
     ],
 )
 def test_errors_name_the_key(mutate, message):

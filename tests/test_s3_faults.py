@@ -12,14 +12,10 @@ import pytest
 import torch
 from streaming.base.hashing import get_hash
 
+from magma_composer.data.checked_streaming import CheckedStreamingDataset, StreamingDataError
 from magma_composer.data.convert import convert_image_folder, main
 from magma_composer.data.dataset import StreamingImageDataset
-from magma_composer.data.storage import (
-    CheckedStreamingDataset,
-    RemoteDataError,
-    StreamingDataError,
-    check_remote,
-)
+from magma_composer.data.storage import RemoteDataError, check_remote
 from tests.conftest import free_port
 from tests.s3_server import MotoServer, moto_server, s3, write_synthetic_tree  # noqa: F401  (fixtures)
 
@@ -91,11 +87,6 @@ def test_server_down_at_start(tmp_path, monkeypatch, capsys):
     assert endpoint in err and "cannot connect to the S3 endpoint" in err
 
 
-@pytest.mark.skip(
-    reason="known intermittent failure: with the server stopped or frozen mid-epoch, streaming 0.13's background "
-    "download threads sometimes block past the test's bound (seen in 2 of 4 runs here, passed in the others); "
-    "kept out of CI until the streaming path enforces its own deadline (issue 5)"
-)
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_server_stops_mid_epoch(own_server, tmp_path, num_workers):
     bucket = _upload(own_server, tmp_path / "src")
@@ -111,11 +102,6 @@ def test_server_stops_mid_epoch(own_server, tmp_path, num_workers):
     assert 0 < _assert_cache_is_sound(cache) < len(dataset.shards)  # some shards came, none half-way
 
 
-@pytest.mark.skip(
-    reason="known intermittent failure: with the server stopped or frozen mid-epoch, streaming 0.13's background "
-    "download threads sometimes block past the test's bound (seen in 2 of 4 runs here, passed in the others); "
-    "kept out of CI until the streaming path enforces its own deadline (issue 5)"
-)
 def test_server_freezes_mid_epoch(own_server, tmp_path):
     bucket = _upload(own_server, tmp_path / "src")
     dataset = CheckedStreamingDataset(
@@ -203,8 +189,6 @@ def test_flipped_bytes_in_a_shard(s3, tmp_path, num_workers):  # noqa: F811
 
 def test_streaming_image_dataset_fails_loudly(s3, tmp_path):  # noqa: F811
     """The training data set gets the same checks once it is built on CheckedStreamingDataset."""
-    if not issubclass(StreamingImageDataset, CheckedStreamingDataset):
-        pytest.skip("StreamingImageDataset does not inherit magma_composer.data.storage.CheckedStreamingDataset yet")
     bucket = _upload(s3, tmp_path / "src", per_class=8, shard_size="8kb")
     key = "ds/train/chunk-00000/shard.00001.mds"
     flipped = bytearray(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())

@@ -10,13 +10,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from streaming import StreamingDataset
 
 import magma_composer.data.convert as convert
+from magma_composer.data.checked_streaming import CheckedStreamingDataset
 from magma_composer.data.convert import BadImageError, convert_image_folder, encode_image, list_image_folder
 from magma_composer.data.dataset import StreamingImageDataset
-from magma_composer.data.storage import CheckedStreamingDataset, RemoteDataError, check_remote
+from magma_composer.data.storage import RemoteDataError, check_remote
 from tests.conftest import REPO, free_port, tiny_recipe
 from tests.s3_server import moto_server, s3, write_synthetic_tree  # noqa: F401  (fixtures)
 
@@ -27,7 +29,7 @@ COMPOSER = str(REPO / ".venv" / "bin" / "composer") if (REPO / ".venv" / "bin" /
 RANK_SCRIPT = """
 import hashlib, json, os, sys
 import torch
-from magma_composer.data.storage import CheckedStreamingDataset
+from magma_composer.data.checked_streaming import CheckedStreamingDataset
 
 out = sys.argv[1]
 for k, remote in enumerate(sys.argv[2:]):
@@ -153,13 +155,11 @@ def test_two_ranks_cover_every_sample_exactly_once(s3, tmp_path, request):  # no
     assert len(sources) == 2 or not (REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz").exists()
 
 
-@pytest.mark.skip(
-    reason="known intermittent hang: with cache_limit, shard eviction in streaming 0.13 sometimes blocks the "
-    "iteration forever (about 1 run in 3 here, even without CheckedStreamingDataset's lock-free shortcut); "
-    "kept out of CI until the eviction path is fixed (issue 5)"
-)
-def test_cache_limit_evicts_and_fetches_again(s3, tmp_path):  # noqa: F811
-    """A cache smaller than the data set: shards are evicted and downloaded again, every sample still comes once."""
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_cache_limit_evicts_and_fetches_again(s3, tmp_path, num_workers):  # noqa: F811
+    """A cache smaller than the data set: shards are evicted and downloaded again, every sample still comes once.
+
+    With two loader workers the two share the cache (and evict each other's shards)."""
     write_synthetic_tree(tmp_path / "src", per_class=16)
     bucket = s3.make_bucket()
     convert_image_folder(tmp_path / "src", f"s3://{bucket}/ds/train", shard_size="4kb", progress=False)
@@ -167,8 +167,9 @@ def test_cache_limit_evicts_and_fetches_again(s3, tmp_path):  # noqa: F811
         remote=f"s3://{bucket}/ds", local=str(tmp_path / "cache"), split="train", batch_size=4, cache_limit="16kb"
     )
     assert len(dataset.shards) > 8
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=num_workers, collate_fn=list)
     for epoch in range(2):
-        ids = [int(sample["i"]) for sample in dataset]
+        ids = [int(sample["i"]) for batch in loader for sample in batch]
         assert sorted(ids) == list(range(48)), epoch
         cached = list((tmp_path / "cache" / "train").rglob("shard.*"))
         assert sum(p.stat().st_size for p in cached) <= 16_000 and len(cached) < len(dataset.shards)  # evicted

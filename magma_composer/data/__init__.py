@@ -2,7 +2,8 @@
 
 from magma_composer.data.convert import convert_image_folder
 from magma_composer.data.dataset import StreamingImageDataset, decode_image
-from magma_composer.data.storage import CheckedStreamingDataset, RemoteDataError, StreamingDataError, check_remote
+from magma_composer.data.checked_streaming import CheckedStreamingDataset, StreamingDataError
+from magma_composer.data.storage import RemoteDataError, check_remote
 from magma_composer.data.transforms import eval_transform, train_transform
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from magma_composer.data.storage import CheckedStreamingDataset
+from magma_composer.data.checked_streaming import CheckedStreamingDataset
 from magma_composer.data.transforms import eval_transform, train_transform
 
 __all__ = ["StreamingImageDataset", "decode_image"]
@@ -26,7 +26,7 @@ class StreamingImageDataset(CheckedStreamingDataset):
 
     Yields ``(image, label)``: a ``3 x S x S`` float tensor and an int.
 
-    Built on :class:`~magma_composer.data.storage.CheckedStreamingDataset`: the data set's index is checked
+    Built on :class:`~magma_composer.data.checked_streaming.CheckedStreamingDataset`: the data set's index is checked
     first (a clear error naming the endpoint, bucket and prefix), shards are hash-checked (``validate_hash``,
     default ``'auto'``), and a shard that cannot be fetched or fails its check is a clear error, never a
     silently short epoch.

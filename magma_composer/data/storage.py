@@ -15,23 +15,16 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
-
-from streaming import StreamingDataset
-from streaming.base.dataset import _ShardState
-
-_LOCAL = _ShardState.LOCAL
+from typing import Any
 
 __all__ = [
     "ENDPOINT_ENV",
-    "CheckedStreamingDataset",
     "RemoteDataError",
-    "StreamingDataError",
     "check_remote",
     "describe_endpoint",
+    "explain_s3_error",
     "is_remote",
     "join_url",
     "list_names",
@@ -51,10 +44,6 @@ _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 
 class RemoteDataError(RuntimeError):
     """A data set in object storage (or a local folder) cannot be read; the message says where and why."""
-
-
-class StreamingDataError(RuntimeError):
-    """A shard could not be downloaded or failed its hash check while streaming; the message names it."""
 
 
 def is_remote(path: str | None) -> bool:
@@ -106,7 +95,7 @@ def s3_client(connect_timeout: float = 10.0, read_timeout: float = 60.0, max_att
     return boto3.session.Session().client("s3", endpoint_url=os.environ.get(ENDPOINT_ENV) or None, config=config)
 
 
-def _explain_s3_error(error: BaseException, url: str, action: str) -> str:
+def explain_s3_error(error: BaseException, url: str, action: str) -> str:
     """One sentence on why an S3 request for ``url`` failed, naming the endpoint, bucket and key."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
 
@@ -166,9 +155,9 @@ def read_json(url: str, client: Any = None) -> Any | None:
     except ClientError as error:
         if str(error.response.get("Error", {}).get("Code", "")) in _MISSING_KEY_CODES:
             return None
-        raise RemoteDataError(_explain_s3_error(error, url, "read")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "read")) from error
     except BotoCoreError as error:
-        raise RemoteDataError(_explain_s3_error(error, url, "read")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "read")) from error
     return json.loads(body)
 
 
@@ -188,7 +177,7 @@ def write_bytes(url: str, data: bytes, client: Any = None) -> None:
     try:
         (client or s3_client()).put_object(Bucket=bucket, Key=key, Body=data)
     except (BotoCoreError, ClientError) as error:
-        raise RemoteDataError(_explain_s3_error(error, url, "write")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "write")) from error
 
 
 def upload_file(local: str, url: str, client: Any = None) -> None:
@@ -199,9 +188,9 @@ def upload_file(local: str, url: str, client: Any = None) -> None:
     try:
         (client or s3_client()).upload_file(local, bucket, key)
     except (BotoCoreError, ClientError) as error:
-        raise RemoteDataError(_explain_s3_error(error, url, f"upload {local} to")) from error
+        raise RemoteDataError(explain_s3_error(error, url, f"upload {local} to")) from error
     except Exception as error:  # boto3's transfer manager wraps failures in S3UploadFailedError
-        raise RemoteDataError(_explain_s3_error(error.__cause__ or error, url, f"upload {local} to")) from error
+        raise RemoteDataError(explain_s3_error(error.__cause__ or error, url, f"upload {local} to")) from error
 
 
 def list_names(url: str, client: Any = None) -> list[str]:
@@ -227,7 +216,7 @@ def list_names(url: str, client: Any = None) -> list[str]:
             names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
             names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
     except (BotoCoreError, ClientError) as error:
-        raise RemoteDataError(_explain_s3_error(error, url, "list")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "list")) from error
     return sorted(names)
 
 
@@ -319,7 +308,7 @@ def check_remote(remote: str | None, split: str | None = None, timeout: float = 
     try:
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except (BotoCoreError, ClientError) as error:
-        message = _explain_s3_error(error, url, "read the MDS index")
+        message = explain_s3_error(error, url, "read the MDS index")
         code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
         if code in _MISSING_KEY_CODES:
             message += f"; no MDS data set there ({_nearest_listing(client, bucket, posixpath.dirname(key))})"
@@ -329,117 +318,3 @@ def check_remote(remote: str | None, split: str | None = None, timeout: float = 
     except ValueError as error:
         raise RemoteDataError(f"{url} at {describe_endpoint()} is not valid JSON: {error}") from error
     return _summarize_index(index, f"{url} at {describe_endpoint()}")
-
-
-def _explain_shard_error(error: BaseException, remote: str | None, local: str, basename: str) -> str:
-    url = join_url(remote, basename) if remote else None
-    if isinstance(error, ValueError) and str(error).startswith("Checksum failure"):
-        return (
-            f"shard {basename} of {remote or local} failed its hash check: its bytes differ from those recorded in "
-            f"index.json when it was written (corrupted in storage or in transit); the local copy was deleted. "
-            f"Re-upload the shard or convert the data set again"
-        )
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:  # pragma: no cover - boto3 is a dependency of streaming's S3 support
-        BotoCoreError = ClientError = ()  # noqa: N806
-    if url and url.startswith("s3://") and isinstance(error, (BotoCoreError, ClientError)):
-        return _explain_s3_error(error, url, "download shard") + " (after streaming's download retries)"
-    return f"cannot prepare shard {basename} of {remote or local} (after retries): {type(error).__name__}: {error}"
-
-
-class CheckedStreamingDataset(StreamingDataset):
-    """A :class:`streaming.StreamingDataset` that checks its data set first and fails loudly while streaming.
-
-    Same arguments as :class:`streaming.StreamingDataset`, and:
-
-    * before anything else, :func:`check_remote` reads ``remote/split/index.json`` (or ``local/split`` without a
-      remote) and raises a :class:`RemoteDataError` naming the endpoint, bucket and prefix when it cannot;
-    * ``validate_hash='auto'`` (the default) checks every downloaded shard with ``xxh64`` (or another hash the
-      index carries; none when it carries none);
-    * a shard that cannot be downloaded (after streaming's retries) or fails its hash check raises
-      :class:`StreamingDataError` naming the shard, the endpoint and the cause, out of the iteration (through a
-      ``DataLoader`` worker too), and its local copy is deleted so that the cache holds no corrupt file.
-      ``streaming`` 0.13 itself ends such an epoch early without an error and only raises at the next epoch.
-      After such an error the object stays failed (no new downloads and timeouts): build a new one to retry;
-    * the per-sample bookkeeping of streaming's background threads skips the cache file lock for shards that are
-      already local (see :meth:`prepare_shard`).
-
-    Checks are skipped for data sets given as ``streams``.
-    """
-
-    def __init__(self, *args: Any, validate_hash: str | None = "auto", **kwargs: Any) -> None:
-        if kwargs.get("streams") is None:
-            remote, local, split = kwargs.get("remote"), kwargs.get("local"), kwargs.get("split")
-            summary = check_remote(remote if remote is not None else local, split)
-            if validate_hash == "auto":
-                hashes = summary.get("hashes") or []
-                validate_hash = "xxh64" if "xxh64" in hashes else (hashes[0] if hashes else None)
-        elif validate_hash == "auto":
-            validate_hash = None
-        super().__init__(*args, validate_hash=validate_hash, **kwargs)
-        self._uncompressed = [all(zip_info is None for _, zip_info in s.file_pairs) for s in self.shards]
-
-    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
-        """Downloads (and checks) a shard; on failure removes its local files and raises a clear error.
-
-        The background threads of streaming call this for every sample; for an uncompressed shard that is already
-        local it only notes the access time, without the cache file lock and the ``stat`` streaming takes each
-        time (which halved the images per second of a loader worker on 32 px images). A shard evicted meanwhile
-        is fetched again by :meth:`get_item`, as in streaming's own lock-free shortcut there.
-        """
-        # the shortcut is only safe while no shard can be evicted under it (no cache_limit)
-        lock_free = getattr(self, "cache_limit", None) is None and self._uncompressed[shard_id]
-        if not blocking and lock_free and self._shard_states[shard_id] == _LOCAL:
-            self._shard_access_times[shard_id] = time.time_ns()
-            return
-        failure = getattr(self, "_first_failure", None)
-        if failure is not None:  # one failed shard ends the epoch: no new downloads (and timeouts) after it
-            raise StreamingDataError(str(failure))
-        try:
-            super().prepare_shard(shard_id, blocking)
-        except StreamingDataError:
-            raise
-        except Exception as error:
-            raise self._fail_shard(shard_id, error) from error
-
-    def _fail_shard(self, shard_id: int, error: BaseException) -> StreamingDataError:
-        stream = self.streams[self.stream_per_shard[shard_id]]
-        basenames = [info.basename for pair in self.shards[shard_id].file_pairs for info in pair if info is not None]
-        folder = os.path.join(stream.local, stream.split or "")
-        for name in basenames:
-            for path in (os.path.join(folder, name), os.path.join(folder, name) + ".tmp"):
-                if os.path.isfile(path):
-                    os.remove(path)
-        remote = join_url(stream.remote, stream.split) if stream.remote and stream.split else stream.remote
-        failure = StreamingDataError(_explain_shard_error(error, remote, folder, basenames[-1]))
-        if getattr(self, "_first_failure", None) is None:
-            self._first_failure = failure
-        if self._shard_states[shard_id] == _ShardState.PREPARING:
-            self._shard_states[shard_id] = _ShardState.REMOTE  # others may retry instead of waiting forever
-        return failure
-
-    def on_exception(self, future: Any) -> None:
-        """Keeps the first background failure for :meth:`__iter__` to raise (instead of logging it)."""
-        error = future.exception()
-        if error is not None:
-            if getattr(self, "_background_error", None) is None:
-                self._background_error = error
-            self._event.set()
-
-    def _raise_background_error(self) -> None:
-        error = getattr(self, "_background_error", None)
-        if error is not None:
-            if isinstance(error, StreamingDataError):
-                raise StreamingDataError(str(error)) from error
-            raise StreamingDataError(f"streaming failed in a background thread: {type(error).__name__}: {error}")
-
-    def __iter__(self) -> Iterator[Any]:
-        self._raise_background_error()
-        try:
-            yield from super().__iter__()
-        except RuntimeError as error:
-            if not isinstance(error, StreamingDataError):
-                self._raise_background_error()
-            raise
-        self._raise_background_error()
