@@ -85,13 +85,15 @@ def test_a_shard_stuck_in_another_worker_fails_at_the_deadline(remote, tmp_path)
         list(dataset)
 
 
-def test_random_access_and_pickling_after_iteration(remote, tmp_path):
+def test_random_access_pickling_and_forking_during_iteration(remote, tmp_path):
     dataset = CheckedStreamingDataset(remote=str(remote), local=str(tmp_path / "cache"), split="train", batch_size=4)
     iterator = iter(dataset)
     first = next(iterator)  # an iteration in progress: fetcher threads and open files
     assert dataset[int(first["i"])]["x"] == first["x"]  # the converter writes samples in id order
     copy = pickle.loads(pickle.dumps(dataset))  # what a 'spawn' DataLoader does
     assert sorted(int(s["i"]) for s in copy) == list(range(48))
+    forked = sorted(s[0] for s in _samples(dataset, num_workers=2))  # workers forked with this process's fetcher
+    assert forked == list(range(48))
     assert len(list(iterator)) == 47
 
 

@@ -6,6 +6,7 @@ import io
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 from PIL import Image
 
 from magma_composer.data.checked_streaming import CheckedStreamingDataset
@@ -88,7 +89,14 @@ class StreamingImageDataset(CheckedStreamingDataset):
         image = decode_image(sample["x"])
         if not self.train:
             return self.transform(image), int(sample["y"])
-        # torchvision's random transforms draw from torch's global CPU generator: give them a per-sample seed
+        # torchvision's random transforms draw from torch's global CPU generator: give them a per-sample seed.
+        # Only the CPU generator is seeded: torch.manual_seed would also queue a lazy CUDA seeding, which records a
+        # stack trace each time (a third of the per-image cost of a 32 px loader worker). In a loader worker the
+        # global generator serves the transforms alone, so it is not restored; in the main process it is.
+        seed = self._sample_seed(index)
+        if get_worker_info() is not None:
+            torch.default_generator.manual_seed(seed)
+            return self.transform(image), int(sample["y"])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._sample_seed(index))
+            torch.default_generator.manual_seed(seed)
             return self.transform(image), int(sample["y"])
