@@ -17,7 +17,9 @@ all files sit in the page cache (the local-disk best case for ``ImageFolder``). 
 the images after a warm-up batch, and the loaders alternate. Two figures per loader: images per second of wall
 clock (the best of ``--repeats`` passes, since other jobs on the machine only ever slow a pass down) and images per
 CPU second of the worker processes (all their threads, from ``/proc``; the median pass), which is what one
-dedicated core per worker delivers and hardly depends on what else runs on the machine. Usage::
+dedicated core per worker delivers. The ratios to ImageFolder are taken within each repeat (its passes run back to
+back, in alternating order) and reported as the median over repeats with their range: on a shared machine this
+is steadier than a ratio of best or median rates. Usage::
 
     python bench/data_pipeline.py                        # 300 images per class (3,000), 1 worker
     python bench/data_pipeline.py --per-class 100 --workers 2 --json runs/data_pipeline.json
@@ -131,28 +133,35 @@ def one_pass(dataset, workers: int, batch_size: int, shuffle: bool) -> tuple[int
 def measure(
     name: str, mds: Path, folder: Path, crop: int, workers: int, batch_size: int, repeats: int
 ) -> dict[str, object]:
-    """Images per second per worker, by wall clock (best pass) and per CPU second of the workers (median pass)."""
+    """Images per second per worker and the ratios to ImageFolder, from passes taken side by side.
+
+    Each repeat makes one pass per loader, back to back, in an order that alternates between repeats; a ratio is
+    taken within a repeat (the passes of one repeat share the machine's load) and the median over repeats is
+    reported with its range. Rates: by wall clock (best pass) and per CPU second of the workers (median pass).
+    """
     transform = train_transform(crop)
-    wall: dict[str, list[float]] = {loader: [] for loader in [*MDS_CLASSES, "imagefolder"]}
-    cpu: dict[str, list[float]] = {loader: [] for loader in wall}
-    for _ in range(repeats):
-        datasets = {
-            loader: cls(local=str(mds), image_size=crop, batch_size=batch_size, shuffle=True)
-            for loader, cls in MDS_CLASSES.items()
-        }
-        datasets["imagefolder"] = ImageFolder(str(folder), transform=transform)
-        for loader, dataset in datasets.items():
+    loaders = [*MDS_CLASSES, "imagefolder"]
+    wall: dict[str, list[float]] = {loader: [] for loader in loaders}
+    cpu: dict[str, list[float]] = {loader: [] for loader in loaders}
+    for repeat in range(repeats):
+        for loader in loaders if repeat % 2 == 0 else loaders[::-1]:
+            if loader == "imagefolder":
+                dataset = ImageFolder(str(folder), transform=transform)
+            else:
+                dataset = MDS_CLASSES[loader](local=str(mds), image_size=crop, batch_size=batch_size, shuffle=True)
             # streaming shuffles by itself; ImageFolder through the sampler
             images, seconds, cpu_seconds = one_pass(dataset, workers, batch_size, shuffle=loader == "imagefolder")
             wall[loader].append(images / seconds / workers)
             cpu[loader].append(images / cpu_seconds)
-    result: dict[str, object] = {"set": name, "crop": crop, "images": len(datasets["imagefolder"]), "workers": workers}
-    for loader in wall:
+    result: dict[str, object] = {"set": name, "crop": crop, "images": images, "workers": workers, "passes": wall}
+    for loader in loaders:
         result[f"{loader}_wall"] = max(wall[loader])
         result[f"{loader}_cpu"] = statistics.median(cpu[loader])
     for loader in MDS_CLASSES:
-        result[f"{loader}_wall_ratio"] = max(wall[loader]) / max(wall["imagefolder"])
-        result[f"{loader}_cpu_ratio"] = statistics.median(cpu[loader]) / statistics.median(cpu["imagefolder"])
+        for kind, rates in (("wall", wall), ("cpu", cpu)):
+            paired = [a / b for a, b in zip(rates[loader], rates["imagefolder"])]
+            result[f"{loader}_{kind}_ratio"] = statistics.median(paired)
+            result[f"{loader}_{kind}_ratio_range"] = [min(paired), max(paired)]
     return result
 
 
@@ -187,20 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(
         f"images per second per loader worker: by wall clock (best of {args.repeats} passes) / per CPU second of "
-        f"the worker (median); {args.workers} worker(s), batch {args.batch_size}, MAE train transform, "
-        f"{os.cpu_count()} cores ({platform.machine()})"
+        f"the worker (median); ratio to ImageFolder: median over the {args.repeats} side-by-side repeats [range], "
+        f"wall / CPU; {args.workers} worker(s), batch {args.batch_size}, MAE train transform, {os.cpu_count()} cores "
+        f"({platform.machine()})"
     )
-    header = f"{'images':<28} {'crop':>4} {'n':>5} {'ImageFolder':>13}"
-    for loader in MDS_CLASSES:
-        header += f" {LABELS[loader]:>22} {'ratio':>11}"
-    print(header)
     for r in results:
-        line = f"{r['set']:<28} {r['crop']:>4} {r['images']:>5}"
-        line += f" {r['imagefolder_wall']:>6.0f} /{r['imagefolder_cpu']:>5.0f}"
+        print(f"{r['set']} ({r['images']} images, crop {r['crop']}):")
+        print(f"  {'ImageFolder':<24} {r['imagefolder_wall']:>6.0f} / {r['imagefolder_cpu']:>5.0f}")
         for loader in MDS_CLASSES:
-            line += f" {r[f'{loader}_wall']:>15.0f} /{r[f'{loader}_cpu']:>5.0f}"
-            line += f" {r[f'{loader}_wall_ratio']:>5.2f} /{r[f'{loader}_cpu_ratio']:>4.2f}"
-        print(line)
+            ratios = "   ".join(
+                f"{r[f'{loader}_{kind}_ratio']:.2f} [{r[f'{loader}_{kind}_ratio_range'][0]:.2f}-"
+                f"{r[f'{loader}_{kind}_ratio_range'][1]:.2f}]"
+                for kind in ("wall", "cpu")
+            )
+            print(f"  {LABELS[loader]:<24} {r[f'{loader}_wall']:>6.0f} / {r[f'{loader}_cpu']:>5.0f}   ratio {ratios}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
