@@ -34,10 +34,10 @@ def _samples(dataset, num_workers: int) -> list[tuple[int, int, bytes]]:
     return [(int(s["i"]), int(s["y"]), bytes(s["x"])) for batch in loader for s in batch]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_same_samples_in_the_same_order_as_streaming(remote, tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers,download_threads", [(0, 1), (2, 3)])
+def test_same_samples_in_the_same_order_as_streaming(remote, tmp_path, num_workers, download_threads):
     kwargs = dict(remote=str(remote), split="train", batch_size=4, shuffle=True, shuffle_seed=7)
-    ours = CheckedStreamingDataset(local=str(tmp_path / "ours"), **kwargs)
+    ours = CheckedStreamingDataset(local=str(tmp_path / "ours"), download_threads=download_threads, **kwargs)
     theirs = StreamingDataset(local=str(tmp_path / "theirs"), **kwargs)
     assert len(ours.shards) > 8
     for epoch in range(2):  # the second epoch reshuffles; both must follow

@@ -17,9 +17,11 @@ __all__ = ["StreamingImageDataset", "decode_image"]
 
 def decode_image(data: Any) -> Image.Image:
     """Decodes an MDS ``x`` column (JPEG bytes, or a PIL image from a ``pil``/``jpeg`` column) to RGB."""
-    if isinstance(data, Image.Image):
-        return data.convert("RGB")
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    if image.mode == "RGB":  # convert() would copy an RGB image once more
+        image.load()
+        return image
+    return image.convert("RGB")
 
 
 class StreamingImageDataset(CheckedStreamingDataset):
