@@ -155,6 +155,74 @@ def test_two_ranks_cover_every_sample_exactly_once(s3, tmp_path, request):  # no
     assert len(sources) == 2 or not (REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz").exists()
 
 
+#: run on each simulated node by ``composer --world_size 4 --nproc 2 --node_rank N iterate_nodes.py OUT REMOTE``: two
+#: epochs, a cache per node, ``{"epochs": [[i, ...], [i, ...]], "node": N}`` per rank to ``OUT/rank<r>.json``
+NODE_SCRIPT = """
+import json, os, sys
+import torch
+from magma_composer.data.checked_streaming import CheckedStreamingDataset
+
+out, remote = sys.argv[1], sys.argv[2]
+node = int(os.environ["NODE_RANK"])
+local = os.path.join(out, "node%d-cache" % node)
+dataset = CheckedStreamingDataset(remote=remote, local=local, split="train", batch_size=4, shuffle=True)
+loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=list)
+epochs = [[int(s["i"]) for batch in loader for s in batch] for _ in range(2)]
+with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump({"epochs": epochs, "node": node}, f)
+"""
+
+
+def _private_shm_works() -> bool:
+    probe = ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_two_nodes_cover_every_sample_exactly_once(s3, tmp_path):  # noqa: F811
+    """Two simulated nodes of two ranks each (four composer ranks): every sample once per epoch, across nodes.
+
+    Each node runs in its own mount namespace with a private /dev/shm (streaming keeps its per-node state there, as
+    on separate machines) and its own cache folder; the ranks meet over loopback (gloo).
+    """
+    if not _private_shm_works():
+        pytest.skip("simulating two nodes on one machine needs `unshare -m` and `mount` (root) for a private /dev/shm")
+    write_synthetic_tree(tmp_path / "src", per_class=32)
+    bucket = s3.make_bucket()
+    convert_image_folder(tmp_path / "src", f"s3://{bucket}/ds/train", shard_size="8kb", progress=False)
+    script = tmp_path / "iterate_nodes.py"
+    script.write_text(NODE_SCRIPT)
+    port, env = str(free_port()), {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = []
+    for node in (0, 1):
+        launch = [COMPOSER, "--world_size", "4", "--nproc", "2", "--node_rank", str(node)]
+        launch += ["--master_addr", "127.0.0.1", "--master_port", port]
+        launch += ["--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err")]
+        launch += [str(script), str(tmp_path), f"s3://{bucket}/ds"]
+        wrapped = ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+        wrapped += ['mount -t tmpfs tmpfs /dev/shm && exec "$@"', "node"] + launch
+        nodes.append(subprocess.Popen(wrapped, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [proc.communicate(timeout=400)[0].decode(errors="replace") for proc in nodes]
+    finally:
+        for proc in nodes:
+            proc.kill()
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("rank*.*")) if p.suffix in (".out", ".err"))
+    assert [proc.returncode for proc in nodes] == [0, 0], "".join(outputs)[-3000:] + logs[-3000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["node"] for r in ranks] == [0, 0, 1, 1]
+    for epoch in range(2):
+        shares = [r["epochs"][epoch] for r in ranks]
+        assert [len(share) for share in shares] == [24] * 4, epoch
+        assert sorted(i for share in shares for i in share) == list(range(96)), epoch  # each sample once
+    assert [r["epochs"][0] for r in ranks] != [r["epochs"][1] for r in ranks]  # reshuffled between epochs
+    for node in (0, 1):  # each node fetched into its own cache
+        assert list((tmp_path / f"node{node}-cache" / "train").rglob("shard.*.mds"))
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_cache_limit_evicts_and_fetches_again(s3, tmp_path, num_workers):  # noqa: F811
     """A cache smaller than the data set: shards are evicted and downloaded again, every sample still comes once.
