@@ -56,6 +56,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -211,6 +212,17 @@ def encode_image(path: Union[str, os.PathLike], resize: int | None = None, quali
         return out.getvalue(), True
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise BadImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+
+
+def _pool_worker_init() -> None:
+    """Default SIGTERM and ignored SIGINT in a converter worker.
+
+    A forked worker inherits its parent's Python signal handlers (Composer installs one for SIGTERM on import).
+    Once, in a run of the test suite, a worker blocked on the task queue's lock survived ``Pool.terminate``'s
+    SIGTERM with the inherited handler, and the pool waited for it forever. Ctrl-C is the parent's to handle.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_job(job: tuple[str, int | None, int]) -> tuple[bytes | None, bool, str | None]:
@@ -441,7 +453,7 @@ def convert_image_folder(
     # Fork (where the platform has it) needs no `if __name__ == "__main__"` guard in the caller's script; the pool
     # starts here, before this function starts any thread, and its workers only run PIL.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers) if workers > 1 else None
+    pool = multiprocessing.get_context(method).Pool(workers, _pool_worker_init) if workers > 1 else None
     uploads: list[concurrent.futures.Future] = []
     uploader = concurrent.futures.ThreadPoolExecutor(max_workers=1) if remote else None
 
@@ -449,7 +461,7 @@ def convert_image_folder(
         return pool.imap(_encode_job, jobs, chunksize=8) if pool is not None else map(_encode_job, jobs)
 
     markers: list[dict] = []
-    interrupted = False
+    interrupted = failed = False
     pbar = tqdm(total=len(listing.files), unit="img", desc="convert", disable=not progress, dynamic_ncols=True)
     try:
         for k, start in enumerate(starts):
@@ -485,13 +497,16 @@ def convert_image_folder(
                 uploads.append(uploader.submit(_upload_chunk, folder, join_url(out, name), payload, keep_staging))
         for future in uploads:
             future.result()
-    except KeyboardInterrupt:
-        interrupted = True
+    except BaseException as error:
+        interrupted, failed = isinstance(error, KeyboardInterrupt), True
         raise
     finally:
         pbar.close()
         if pool is not None:
-            pool.terminate()
+            if failed:
+                pool.terminate()  # workers may be mid-task; their signal handlers are the defaults (see init)
+            else:
+                pool.close()  # every task is done: the workers leave on their own
             pool.join()
         if uploader is not None:  # finish the uploads of finished chunks, unless interrupted by the user
             uploader.shutdown(wait=True, cancel_futures=interrupted)
