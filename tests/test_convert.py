@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ from PIL import Image
 from streaming import StreamingDataset
 from torchvision.datasets import ImageFolder
 
+import magma_composer.data.convert as convert
 from magma_composer.data.convert import (
     BadImageError,
     ConversionError,
@@ -244,3 +247,17 @@ def test_real_cifar_jpegs_stored_verbatim(cifar_jpegs, tmp_path):
     dataset = StreamingImageDataset(local=str(tmp_path / "out"), image_size=32, batch_size=10, shuffle=True)
     images = [dataset[k] for k in range(10)]
     assert all(tuple(x.shape) == (3, 32, 32) for x, _ in images)
+
+
+def _sigterm_and_sigint_handlers() -> tuple[str, str]:
+    return str(signal.getsignal(signal.SIGTERM)), str(signal.getsignal(signal.SIGINT))
+
+
+def test_pool_workers_do_not_inherit_the_parents_signal_handlers():
+    """Pool.terminate must be able to kill a converter worker wherever it waits (Composer's SIGTERM handler is
+    installed in this process by importing composer)."""
+    import composer  # noqa: F401
+
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # what a plain fork would inherit
+    with multiprocessing.get_context("fork").Pool(1, convert._pool_worker_init) as pool:
+        assert pool.apply(_sigterm_and_sigint_handlers) == (str(signal.SIG_DFL), str(signal.SIG_IGN))
