@@ -93,7 +93,7 @@ class StreamingImageDataset(CheckedStreamingDataset):
             return self.transform(image), int(sample["y"])
         # torchvision's random transforms draw from torch's global CPU generator: give them a per-sample seed.
         # Only the CPU generator is seeded: torch.manual_seed would also queue a lazy CUDA seeding, which records a
-        # stack trace each time (a third of the per-image cost of a 32 px loader worker). In a loader worker the
+        # stack trace each time (about a fifth of the per-image cost of a 32 px loader worker). In a loader worker the
         # global generator serves the transforms alone, so it is not restored; in the main process it is.
         seed = self._sample_seed(index)
         if get_worker_info() is not None:
