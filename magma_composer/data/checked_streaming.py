@@ -152,6 +152,13 @@ class _ShardFetcher:
                 self._done[shard_id].set()
 
 
+def _remote_of(stream: Any) -> str | None:
+    """Where a stream's shards come from (its remote and split), or ``None`` for a local-only stream."""
+    if not stream.remote:
+        return None
+    return join_url(stream.remote, stream.split) if stream.split else stream.remote
+
+
 def _explain_shard_error(error: BaseException, remote: str | None, local: str, basename: str) -> str:
     url = join_url(remote, basename) if remote else None
     if isinstance(error, ValueError) and str(error).startswith("Checksum failure"):
@@ -365,8 +372,7 @@ class CheckedStreamingDataset(StreamingDataset):
                     if os.path.isfile(path):
                         os.remove(path)
             self._shard_states[shard_id] = _REMOTE  # others may try again instead of waiting for it
-        remote = join_url(stream.remote, stream.split) if stream.remote and stream.split else stream.remote
-        failure = StreamingDataError(_explain_shard_error(error, remote, folder, basenames[-1]))
+        failure = StreamingDataError(_explain_shard_error(error, _remote_of(stream), folder, basenames[-1]))
         if getattr(self, "_first_failure", None) is None:
             self._first_failure = failure
         return failure
@@ -408,7 +414,7 @@ class CheckedStreamingDataset(StreamingDataset):
         # a little longer than the fetcher's own waits, so that its more specific error comes first
         if not fetcher.wait(shard_id, self.shard_deadline * 1.1 + 1.0):
             stream = self.streams[self.stream_per_shard[shard_id]]
-            where = join_url(stream.remote, stream.split or "") if stream.remote else stream.local
+            where = _remote_of(stream) or os.path.join(stream.local, stream.split or "")
             raise StreamingDataError(
                 f"shard {self.shards[shard_id].file_pairs[0][0].basename} of {where} was not ready within "
                 f"shard_deadline={self.shard_deadline:g} s (download_timeout={stream.download_timeout:g} s, "

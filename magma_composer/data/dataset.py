@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
@@ -95,10 +96,7 @@ class StreamingImageDataset(CheckedStreamingDataset):
         # Only the CPU generator is seeded: torch.manual_seed would also queue a lazy CUDA seeding, which records a
         # stack trace each time (about a fifth of the per-image cost of a 32 px loader worker). In a loader worker the
         # global generator serves the transforms alone, so it is not restored; in the main process it is.
-        seed = self._sample_seed(index)
-        if get_worker_info() is not None:
-            torch.default_generator.manual_seed(seed)
-            return self.transform(image), int(sample["y"])
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
+        keep_global_rng = torch.random.fork_rng(devices=[]) if get_worker_info() is None else nullcontext()
+        with keep_global_rng:
+            torch.default_generator.manual_seed(self._sample_seed(index))
             return self.transform(image), int(sample["y"])
