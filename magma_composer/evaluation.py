@@ -1,4 +1,4 @@
-"""Evaluation of frozen encoders: weighted kNN (ALGORITHMS.md §4) and a closed-form linear probe."""
+"""Evaluation of frozen encoders: weighted kNN (docs/algorithms.md §4) and a closed-form linear probe."""
 
 from __future__ import annotations
 

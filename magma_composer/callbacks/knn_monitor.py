@@ -25,7 +25,7 @@ def _encode_fn(model: torch.nn.Module):
 
 
 class KNNMonitor(Callback):
-    """Logs the weighted kNN top-1 accuracy (ALGORITHMS.md §4) of the model's features.
+    """Logs the weighted kNN top-1 accuracy (docs/algorithms.md §4) of the model's features.
 
     Features of ``train_loader`` (the memory bank) and ``test_loader`` (the queries) come from
     ``model.extract_features``; on several ranks each rank encodes its share and the features are

@@ -1,4 +1,4 @@
-"""The masked autoencoder of ALGORITHMS.md §0 on a timm ViT encoder, as a Composer model."""
+"""The masked autoencoder of docs/algorithms.md §0 on a timm ViT encoder, as a Composer model."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def random_masking(
 def masked_mse_loss(
     pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = True
 ) -> torch.Tensor:
-    """Mean squared error over the masked patches only (ALGORITHMS.md §0).
+    """Mean squared error over the masked patches only (docs/algorithms.md §0).
 
     Args:
         pred (torch.Tensor): ``B x N x P`` predicted patches.
@@ -226,7 +226,7 @@ class MaskedAutoencoder(nn.Module):
 
 
 class ComposerMAE(ComposerModel):
-    """A masked autoencoder (ALGORITHMS.md §0) as a Composer model.
+    """A masked autoencoder (docs/algorithms.md §0) as a Composer model.
 
     ``loss()`` returns ``{'mae': ...}``: the mean squared error over the masked patches. The network
     lives in the child module ``net`` (a :class:`MaskedAutoencoder`), whose ``fsdp_wrap_fn`` and

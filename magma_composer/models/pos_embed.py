@@ -1,4 +1,4 @@
-"""Fixed 2-D sine-cosine position embeddings (ALGORITHMS.md §0)."""
+"""Fixed 2-D sine-cosine position embeddings (docs/algorithms.md §0)."""
 
 from __future__ import annotations
 

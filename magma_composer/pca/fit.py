@@ -1,4 +1,4 @@
-"""Fitting the PCA basis of ALGORITHMS.md §3, exactly for small images and by streaming for large ones.
+"""Fitting the PCA basis of docs/algorithms.md §3, exactly for small images and by streaming for large ones.
 
 Both methods stream the images in batches and never hold all ``N x D`` of them:
 

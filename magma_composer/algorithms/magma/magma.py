@@ -1,7 +1,7 @@
 """MAGMA: layer-wise manifold regularisation of a ViT encoder (Dondera, Singh, Jamali-Rad, arXiv 2412.02871).
 
 The functional form :func:`magma_loss` comes first, the Composer :class:`MAGMA` algorithm after it.
-The maths is ALGORITHMS.md §1; the method card is ``README.md`` beside this file.
+The maths is docs/algorithms.md §1; the method card is ``README.md`` beside this file.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def magma_loss(
     gamma: float | None = None,
     return_stats: bool = False,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, MagmaStats]]:
-    """The MAGMA regulariser ``R(X, Y) = trace(Y^T L Y) / B^2`` of ALGORITHMS.md §1.
+    """The MAGMA regulariser ``R(X, Y) = trace(Y^T L Y) / B^2`` of docs/algorithms.md §1.
 
     The graph comes from the reference features ``X``: ``D2[i, j] = ||x_i - x_j||^2`` (diagonal exactly
     0), ``W[i, j] = exp(-rbf_scale * D2[i, j] / gamma)`` off the diagonal and 0 on it, with ``gamma`` the

@@ -1,6 +1,6 @@
 """PCA masking (PMAE): mask principal components of the image instead of patches.
 
-See the method card (README.md in this folder) and ALGORITHMS.md §3.
+See the method card (README.md in this folder) and docs/algorithms.md §3.
 """
 
 from magma_composer.algorithms.pca_masking.pca_masking import PCAMasking as PCAMasking

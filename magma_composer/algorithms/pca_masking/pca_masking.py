@@ -1,4 +1,4 @@
-"""PCA masking (PMAE): mask principal components of the image instead of patches (ALGORITHMS.md §3).
+"""PCA masking (PMAE): mask principal components of the image instead of patches (docs/algorithms.md §3).
 
 The functional forms come first (:func:`component_mask`, :func:`sample_component_mask`,
 :func:`mask_generator`, :func:`project_visible`, :func:`pmae_loss`), then the Composer algorithm
@@ -35,7 +35,7 @@ RESIDUALS = ("drop", "keep")
 
 
 def component_mask(ratios: torch.Tensor, ratio: Union[float, torch.Tensor], permutation: torch.Tensor) -> torch.Tensor:
-    """The components to mask, given a random order of them (ALGORITHMS.md §3).
+    """The components to mask, given a random order of them (docs/algorithms.md §3).
 
     With ``c_j = sum(ratios[permutation[:j + 1]])`` (0-based ``j``) and ``t = max(argmin_j |c_j - ratio|, 1)``,
     the masked components are ``permutation[:t]``: never none (the original rule allowed ``t = 0``, an empty
@@ -137,7 +137,7 @@ def _masked_mean_square(diff: torch.Tensor, masked: torch.Tensor) -> torch.Tenso
 def pmae_loss(
     images: torch.Tensor, predictions: torch.Tensor, basis: torch.Tensor, masked: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over the batch and the masked components of ``((z_hat - z) . v_k) ** 2`` (ALGORITHMS.md §3).
+    """Mean over the batch and the masked components of ``((z_hat - z) . v_k) ** 2`` (docs/algorithms.md §3).
 
     Args:
         images (torch.Tensor): ``B x D`` standardised images ``z``.

@@ -1,7 +1,7 @@
 """Uniformity (U-MAE): spread the encoder's CLS features over the sphere (Zhang, Wang, Wang, NeurIPS 2022).
 
 The functional form :func:`uniformity_loss` comes first, the Composer :class:`Uniformity` algorithm
-after it. The maths is ALGORITHMS.md §2; the method card is ``README.md`` beside this file.
+after it. The maths is docs/algorithms.md §2; the method card is ``README.md`` beside this file.
 """
 
 from __future__ import annotations
