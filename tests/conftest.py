@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import tarfile
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR_TARBALL = SHARED_DATA / "cifar10-jpeg.tar.gz"
+#: reference values for the regularisers, committed with the tests so a plain clone can check itself
+GOLDEN_FILE = REPO / "tests" / "data" / "golden_v1.json"
 
 # one intra-op thread: on 2 shared cores, with loader workers and launcher ranks beside the test, more
 # threads oversubscribe the CPU and tiny steps get 5-25x slower
@@ -34,6 +37,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    """The golden vectors: ``{"magma", "uniformity", "pc_mask", "pmae_loss"}`` -> lists of cases."""
+    return json.loads(GOLDEN_FILE.read_text())
 
 
 @pytest.fixture(scope="session")

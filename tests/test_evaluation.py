@@ -1,4 +1,4 @@
-"""kNN (ALGORITHMS.md §4) against a direct implementation, and the linear probe."""
+"""kNN (docs/algorithms.md §4) against a direct implementation, and the linear probe."""
 
 import math
 

@@ -1,8 +1,6 @@
 """MAGMA: the functional form against the golden vectors and its guards, and the Algorithm in a real Trainer."""
 
-import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,22 +11,22 @@ from magma_composer.algorithms.magma import MAGMA, magma_loss
 from magma_composer.models import ComposerMAE
 from tests.conftest import TINY_MODEL, quick_trainer
 
-GOLDEN = json.loads((Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "golden_v1.json").read_text())
-
 
 # ---------------------------------------------------------------------- functional form
-@pytest.mark.parametrize("case", GOLDEN["magma"], ids=lambda c: f"B{len(c['target'])}-{c['kwargs']}")
 @pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_golden_vectors(case, dtype, rel):
-    x = torch.tensor(case["reference"], dtype=dtype)
-    y = torch.tensor(case["target"], dtype=dtype)
-    out = magma_loss(x, y, **case["kwargs"])
-    assert out.dtype == dtype
-    assert out.item() == pytest.approx(case["expected"], rel=rel)
+def test_golden_vectors(golden, subtests, dtype, rel):
+    assert golden["magma"], "no MAGMA cases in the golden vectors"
+    for case in golden["magma"]:
+        with subtests.test(batch=len(case["target"]), kwargs=case["kwargs"]):
+            x = torch.tensor(case["reference"], dtype=dtype)
+            y = torch.tensor(case["target"], dtype=dtype)
+            out = magma_loss(x, y, **case["kwargs"])
+            assert out.dtype == dtype
+            assert out.item() == pytest.approx(case["expected"], rel=rel)
 
 
 def _dense_reference(x, y, rbf_scale=1.0, eps=1e-4, gamma=None):
-    """ALGORITHMS.md §1 written out with explicit differences and a dense B x B Laplacian."""
+    """docs/algorithms.md §1 written out with explicit differences and a dense B x B Laplacian."""
     b = x.shape[0]
     d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) * (1 - torch.eye(b, dtype=torch.float64))
     if gamma is None:

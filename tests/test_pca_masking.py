@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,6 @@ from magma_composer.data import StreamingImageDataset
 from magma_composer.models import ComposerMAE, unpatchify
 from magma_composer.pca import PCABasis, fit_basis, load_basis
 
-GOLDEN_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "golden_v1.json"
-# absent golden vectors leave the parametrized tests below with empty parameter sets: pytest skips them
-GOLDEN = json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.exists() else {"pc_mask": [], "pmae_loss": []}
 SIZE, PATCH = 16, 4
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2}
 
@@ -42,25 +38,29 @@ def as_mask(masked, k: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- golden vectors
-@pytest.mark.parametrize("case", GOLDEN["pc_mask"], ids=lambda c: f"K{len(c['ratios'])}-r{c['ratio']}")
-def test_component_mask_golden(case):
-    ratios = torch.tensor(case["ratios"], dtype=torch.float64)
-    mask = component_mask(ratios, case["ratio"], torch.tensor(case["permutation"]))
-    assert mask.dtype == torch.bool and torch.equal(mask, as_mask(case["expected_masked"], len(ratios)))
-    assert torch.equal(component_mask(ratios.float(), case["ratio"], torch.tensor(case["permutation"])), mask)
+def test_component_mask_golden(golden, subtests):
+    assert golden["pc_mask"], "no component-mask cases in the golden vectors"
+    for case in golden["pc_mask"]:
+        with subtests.test(components=len(case["ratios"]), ratio=case["ratio"]):
+            ratios = torch.tensor(case["ratios"], dtype=torch.float64)
+            mask = component_mask(ratios, case["ratio"], torch.tensor(case["permutation"]))
+            assert mask.dtype == torch.bool and torch.equal(mask, as_mask(case["expected_masked"], len(ratios)))
+            assert torch.equal(component_mask(ratios.float(), case["ratio"], torch.tensor(case["permutation"])), mask)
 
 
-@pytest.mark.parametrize("case", GOLDEN["pmae_loss"], ids=lambda c: f"D{len(c['basis'])}")
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_pmae_loss_golden(case, dtype, rtol):
-    z, z_hat, basis = (torch.tensor(case[k], dtype=dtype) for k in ("images", "predictions", "basis"))
-    for masked in (torch.tensor(case["masked"]), as_mask(case["masked"], basis.shape[1])):
-        loss = pmae_loss(z, z_hat, basis, masked)
-        assert loss.dtype == dtype
-        assert float(loss) == pytest.approx(case["expected"], rel=rtol)
-    # one mask per sample, all rows equal, is the same loss
-    rows = as_mask(case["masked"], basis.shape[1]).expand(z.shape[0], -1)
-    assert float(pmae_loss(z, z_hat, basis, rows)) == pytest.approx(case["expected"], rel=rtol)
+def test_pmae_loss_golden(golden, subtests, dtype, rtol):
+    assert golden["pmae_loss"], "no PMAE-loss cases in the golden vectors"
+    for case in golden["pmae_loss"]:
+        with subtests.test(dim=len(case["basis"])):
+            z, z_hat, basis = (torch.tensor(case[k], dtype=dtype) for k in ("images", "predictions", "basis"))
+            for masked in (torch.tensor(case["masked"]), as_mask(case["masked"], basis.shape[1])):
+                loss = pmae_loss(z, z_hat, basis, masked)
+                assert loss.dtype == dtype
+                assert float(loss) == pytest.approx(case["expected"], rel=rtol)
+            # one mask per sample, all rows equal, is the same loss
+            rows = as_mask(case["masked"], basis.shape[1]).expand(z.shape[0], -1)
+            assert float(pmae_loss(z, z_hat, basis, rows)) == pytest.approx(case["expected"], rel=rtol)
 
 
 # ---------------------------------------------------------------------- masks and projections

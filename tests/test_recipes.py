@@ -1,4 +1,4 @@
-"""The shipped recipes carry exactly the published settings (../shared/spec/RECIPES.md)."""
+"""The shipped recipes carry exactly the published settings (docs/algorithms.md, "Published recipes")."""
 
 import pytest
 

@@ -1,8 +1,5 @@
 """Uniformity: the functional form against the golden vectors, both Gram shapes, and the Algorithm in a Trainer."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from composer import Callback
@@ -11,8 +8,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from magma_composer.algorithms.uniformity import Uniformity, uniformity_loss
 from magma_composer.models import ComposerMAE
 from tests.conftest import TINY_MODEL, quick_trainer
-
-GOLDEN = json.loads((Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "golden_v1.json").read_text())
 
 
 def _pairwise_reference(f):
@@ -26,12 +21,14 @@ def _pairwise_reference(f):
     return total / b**2
 
 
-@pytest.mark.parametrize("case", GOLDEN["uniformity"], ids=lambda c: f"B{len(c['features'])}")
 @pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
-def test_golden_vectors(case, dtype, rel):
-    out = uniformity_loss(torch.tensor(case["features"], dtype=dtype))
-    assert out.dtype == dtype
-    assert out.item() == pytest.approx(case["expected"], rel=rel)
+def test_golden_vectors(golden, subtests, dtype, rel):
+    assert golden["uniformity"], "no uniformity cases in the golden vectors"
+    for case in golden["uniformity"]:
+        with subtests.test(batch=len(case["features"])):
+            out = uniformity_loss(torch.tensor(case["features"], dtype=dtype))
+            assert out.dtype == dtype
+            assert out.item() == pytest.approx(case["expected"], rel=rel)
 
 
 @pytest.mark.parametrize("shape", [(6, 20), (20, 6), (8, 8)], ids=["BxB-gram", "DxD-gram", "square"])
