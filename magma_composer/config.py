@@ -1,20 +1,43 @@
-"""The recipe schema: typed dataclasses, validated before any model or data is built.
+"""Reading recipes: YAML sections become keyword arguments of the constructors that own them.
 
-A recipe is a YAML mapping; :func:`load_config` merges dot-list overrides (``optimizer.lr=3e-4``) into
-it and checks every key against the dataclasses below. Any unknown key, wrong type or missing required
-key is a :class:`ConfigError` naming the key path (``train_data.batch_size``) and what is valid.
-Algorithm, callback and logger options are checked against their classes' signatures.
+A recipe is a YAML mapping. Each section goes, as keyword arguments, to the one constructor that owns its options
+(llm-foundry's style), and that constructor checks the values:
+
+=================  =====================================================================================
+section            owner
+=================  =====================================================================================
+``model``          :class:`magma_composer.models.ComposerMAE`
+``train_data``     :func:`magma_composer.data.build_image_dataloader`, then :class:`StreamingImageDataset`,
+``eval_data``      :class:`CheckedStreamingDataset` and ``streaming.StreamingDataset`` (``**kwargs`` pass on)
+``optimizer``      :func:`magma_composer.train.build_optimizer`
+``scheduler``      :func:`magma_composer.train.build_scheduler`
+``algorithms``     the classes of :data:`magma_composer.registry.ALGORITHMS`, by name
+``callbacks``      :data:`magma_composer.registry.CALLBACKS`
+``loggers``        :data:`magma_composer.registry.LOGGERS`
+everything else    :class:`TrainConfig` (the run: duration, precision, checkpoints...)
+=================  =====================================================================================
+
+This module checks only keys and types, against the owners' signatures (type hints checked strictly with
+pydantic: ``"false"`` is not a bool, ``1.5`` is not an int), so that a typo fails before any model or data is
+built. The owners check the values when :func:`magma_composer.train.build_trainer` builds them; every failure
+either way is a :class:`ConfigError` ``<key path>: <what is wrong and what is valid>``.
+
+Recipes may start from others (``base: mae-vitb16.yaml``): the base is read first and the recipe's mappings are
+merged into it key by key. A ``key.path=value`` override on the command line REPLACES the value at its path, a
+mapping included (``algorithms.magma.weight='{type: constant, value: 1.0}'`` replaces an inherited warm-up
+window); ``name=false`` switches off an algorithm, callback or logger that a base recipe turned on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import yaml
 
@@ -22,147 +45,342 @@ from magma_composer import registry
 
 __all__ = [
     "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "OptimizerConfig",
-    "SchedulerConfig",
+    "SECTION_OWNERS",
     "TrainConfig",
+    "check_options",
     "load_config",
     "parse_overrides",
+    "read_yaml",
     "validate",
 ]
-
-_MISSING = dataclasses.MISSING
 
 
 class ConfigError(ValueError):
     """A recipe error: names the key path and what would be valid."""
 
 
-@dataclass
-class ModelConfig:
-    """``model:``: the ComposerMAE."""
-
-    encoder: Union[str, dict] = "vit_base_patch16_224"  #: timm ViT name, or {embed_dim, depth, num_heads, mlp_ratio}
-    img_size: int = 224
-    patch_size: int = 16
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+# ---------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; here it is a float, as in YAML 1.2."""
 
 
-@dataclass
-class DataConfig:
-    """``train_data:`` / ``eval_data:``: an MDS image data set (local folder or object storage)."""
-
-    remote: str  #: a local folder or a URI (s3://bucket/prefix; S3_ENDPOINT_URL for S3-compatible stores)
-    batch_size: int  #: per device
-    local: str | None = None  #: local cache folder, unique per data set on a node (default: a temp folder)
-    split: str | None = None  #: sub-folder of remote, e.g. train / val
-    image_size: int | None = None  #: default: model.img_size
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    hflip: bool = True
-    normalize: str = "imagenet"  #: imagenet | none (pixels in [0, 1], for PCA masking)
-    resize_ratio: float = 1.0  #: evaluation: resize to image_size / resize_ratio, then centre crop
-    num_workers: int = 2
-    shuffle: bool | None = None  #: default true (seeded): capped kNN sets and pictures then span the classes
-    shuffle_seed: int | None = None  #: default: the recipe's seed
-    shuffle_algo: str = "py1e"
-    num_canonical_nodes: int | None = None  #: keep fixed across resumptions with different node counts
-    predownload: int | None = None
-    cache_limit: str | None = None  #: e.g. 100gb: evict shards beyond this
-    download_retry: int = 2
-    download_timeout: float = 60.0  #: seconds per S3 request (connect and read)
-    download_threads: int = 1  #: shards fetched at once per loader worker
-    shard_deadline: float | None = None  #: seconds to wait for one shard; default from the two above
-    validate_hash: str = "auto"  #: auto (xxh64 when the shards carry it) | xxh64 | sha1 | ... | none
-    drop_last: bool = True
-    max_samples: int | None = None  #: use only the first N samples (subset experiments)
-    persistent_workers: bool = True
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
 
 
-@dataclass
-class OptimizerConfig:
-    """``optimizer:``: DecoupledAdamW. Give ``lr``, or ``base_lr`` scaled by the global batch / 256."""
-
-    lr: float | None = None
-    base_lr: float | None = None
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.05  #: torch.optim.AdamW convention (decay lr_t * weight_decay per step), as the papers
-    no_decay_norm_bias: bool = True  #: no weight decay on norms, biases, cls/mask tokens, position embeddings
+def read_yaml(text: str, where: str) -> Any:
+    """Parses YAML text (``where`` names it in the error)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
 
 
-@dataclass
-class SchedulerConfig:
-    """``scheduler:``: linear warm-up then cosine decay, in Composer time."""
-
-    warmup: str = "0ba"  #: e.g. 10ep, 500ba, 0.025dur
-    alpha_f: float = 0.0  #: final lr as a fraction of the peak
+# ---------------------------------------------------------------------- the run's own options
+_PRECISIONS = ("fp32", "amp_fp16", "amp_bf16", "amp_fp8")
+_DEVICES = ("cpu", "gpu", "mps")
+_TIME_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
 
 
 @dataclass
 class TrainConfig:
-    """The whole recipe."""
+    """A checked recipe: the run's own options (checked here) and the sections (checked by their owners).
 
-    model: ModelConfig
-    train_data: DataConfig
-    max_duration: str
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    eval_data: DataConfig | None = None
+    Sections hold keyword arguments: ``model``, ``train_data``, ``eval_data``, ``optimizer``, ``scheduler``, and
+    ``algorithms`` / ``callbacks`` / ``loggers`` as ``{name: options}``.
+    """
+
+    max_duration: str  #: Composer time, e.g. 400ep, 10000ba
+    model: dict
+    train_data: dict
+    optimizer: dict
+    scheduler: dict = field(default_factory=dict)
+    eval_data: dict | None = None
+    algorithms: dict = field(default_factory=dict)
+    callbacks: dict = field(default_factory=dict)
+    loggers: dict = field(default_factory=dict)  #: console is always on (progress_bar / log_to_console)
     run_name: str | None = None
     seed: int = 17
-    precision: str | None = None  #: fp32 | amp_fp16 | amp_bf16 (default: amp_bf16 on GPU, fp32 on CPU)
-    device: str | None = None  #: cpu | gpu (default: what is there)
+    precision: str | None = None  #: fp32 | amp_fp16 | amp_bf16 | amp_fp8 (default: amp_bf16 on GPU, fp32 on CPU)
+    device: str | None = None  #: cpu | gpu | mps (default: gpu when there is one)
     cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: cores per rank - loader workers)
     device_train_microbatch_size: Union[int, str, None] = None  #: int or auto; default: the per-device batch
     eval_interval: Union[str, int] = "1ep"
-    algorithms: dict = field(default_factory=dict)  #: name -> options (false: off), see magma_composer.registry
-    callbacks: dict = field(default_factory=dict)
-    loggers: dict = field(default_factory=dict)  #: wandb: {...}, file: {...}; console is always on
     progress_bar: bool = True
     console_log_interval: str = "1ep"
     log_to_console: bool = False
-    save_folder: str | None = None
+    save_folder: str | None = None  #: {run_name} is filled in; a run never writes into another run's folder
     save_interval: str = "1ep"
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
     autoresume: bool = False
     load_path: str | None = None
     load_weights_only: bool = False
-    parallelism_config: dict | None = None  #: passed through to the Trainer (fsdp: {...})
+    parallelism_config: dict | None = None  #: passed to the Trainer (fsdp: {...})
     dist_timeout: float = 300.0
-    compile: bool = False  #: torch.compile the model (compile_config passed to the Trainer)
+    compile: bool = False  #: torch.compile the model
     export_encoder: str | None = None  #: write the trained encoder's timm state dict here at the end
 
+    def __post_init__(self) -> None:
+        from composer.core import Time
 
-# ---------------------------------------------------------------------- parsing
-def parse_overrides(items: list[str]) -> dict:
-    """``['a.b=1', 'c=[1, 2]']`` -> ``{'a': {'b': 1}, 'c': [1, 2]}``; values are parsed as YAML."""
-    out: dict = {}
+        if self.precision is not None and self.precision not in _PRECISIONS:
+            raise ConfigError(f"precision: {self.precision!r} is not valid; choose one of {', '.join(_PRECISIONS)}")
+        if self.device is not None and self.device not in _DEVICES:
+            raise ConfigError(f"device: {self.device!r} is not valid; choose one of {', '.join(_DEVICES)}")
+        mb = self.device_train_microbatch_size
+        if (isinstance(mb, str) and mb != "auto") or (isinstance(mb, int) and mb < 1):
+            raise ConfigError(f"device_train_microbatch_size: expected a positive integer or 'auto', got {mb!r}")
+        for key in _TIME_KEYS:
+            value = getattr(self, key)
+            if isinstance(value, int) and key == "eval_interval":
+                if value < 0:
+                    raise ConfigError(f"eval_interval: must be >= 0 (0: only at the end), got {value}")
+                continue
+            try:
+                time = Time.from_timestring(value)
+            except (ValueError, TypeError):
+                raise ConfigError(
+                    f"{key}: {value!r} is not a Composer time string (an integer and a unit: ep, ba, sp, tok, dur, "
+                    "e.g. '10ep')"
+                ) from None
+            if time.value <= 0 and key == "max_duration":
+                raise ConfigError(f"max_duration: must be positive, got {value!r}")
+        for key, minimum in (("seed", 0), ("cpu_threads", 1), ("save_num_checkpoints_to_keep", -1)):
+            value = getattr(self, key)
+            if value is not None and value < minimum:
+                raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"dist_timeout: must be a positive number of seconds, got {self.dist_timeout}")
+        if self.autoresume and (self.save_folder is None or self.run_name is None):
+            missing = " and ".join(k for k in ("save_folder", "run_name") if getattr(self, k) is None)
+            raise ConfigError(f"autoresume: true needs {missing} (the run's checkpoints are found by both)")
+        if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
+            raise ConfigError(
+                f"run_name: {self.run_name!r} must be letters, digits, '.', '_' or '-' (it names folders)"
+            )
+
+
+#: The owner of each section: where its keys come from (see the module's documentation).
+SECTION_OWNERS: dict[str, str] = {
+    "model": "magma_composer.models:ComposerMAE",
+    "train_data": "magma_composer.data.loader:build_image_dataloader",
+    "eval_data": "magma_composer.data.loader:build_image_dataloader",
+    "optimizer": "magma_composer.train:build_optimizer",
+    "scheduler": "magma_composer.train:build_scheduler",
+}
+
+#: Arguments of the owners that the builder fills in and a recipe cannot set.
+INJECTED: dict[str, tuple[str, ...]] = {
+    "model": (),
+    "train_data": ("train", "cache_tag", "transform", "streams", "stream_name", "stream_config", "epoch_size"),
+    "optimizer": ("model", "global_batch"),
+    "scheduler": (),
+    "callbacks": ("train_loader", "test_loader", "normalize"),
+}
+INJECTED["eval_data"] = INJECTED["train_data"]
+
+_COMPONENTS = {"algorithms": registry.ALGORITHMS, "callbacks": registry.CALLBACKS, "loggers": registry.LOGGERS}
+
+
+# ---------------------------------------------------------------------- keys and types against a signature
+def _next_owner(owner: Any) -> Any | None:
+    """Where ``owner``'s ``**kwargs`` go: a function's ``kwargs_owner``, or a class's next base with an ``__init__``."""
+    if inspect.isclass(owner):
+        for base in owner.__mro__[1:]:
+            if "__init__" in vars(base) and base is not object:
+                return base
+        return None
+    return getattr(owner, "kwargs_owner", None)
+
+
+def _parameters(owner: Any) -> list[tuple[inspect.Parameter, Any]]:
+    """The keyword parameters of ``owner`` and its ``**kwargs`` chain, each with its type hint (``Any`` if none)."""
+    out, seen = [], set()
+    while owner is not None:
+        fn = owner.__init__ if inspect.isclass(owner) else owner
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # an annotation that does not resolve here: check that parameter's key only
+            hints = {}
+        params = inspect.signature(fn).parameters
+        for p in params.values():
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in seen:
+                seen.add(p.name)
+                out.append((p, hints.get(p.name, Any)))
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+        owner = _next_owner(owner)
+    return out
+
+
+@functools.cache
+def _adapter(hint: Any) -> Any:
+    from pydantic import ConfigDict, TypeAdapter
+
+    return TypeAdapter(hint, config=ConfigDict(strict=True, arbitrary_types_allowed=True))
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    """``value`` checked strictly against ``hint``; YAML lists are accepted where a tuple is expected."""
+    if hint is Any:
+        return value
+    from pydantic import ValidationError
+
+    try:
+        adapter = _adapter(hint)
+    except Exception:  # a hint pydantic cannot build a validator for (e.g. a bare Protocol): key check only
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        error = exc
+    if isinstance(value, list):  # YAML has no tuples
+        try:
+            return adapter.validate_python(tuple(value))
+        except ValidationError as exc:
+            error = exc
+    messages = sorted({e["msg"] for e in error.errors()})
+    shown = "; ".join(messages[:3])
+    raise ConfigError(f"{path}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__}): {shown}") from None
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Union or str(origin) == "<class 'types.UnionType'>":
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def check_options(owner: Any, options: Any, path: str, injected: tuple[str, ...] = ()) -> dict:
+    """Checks a section's keys and types against ``owner``'s signature (and its ``**kwargs`` chain).
+
+    Args:
+        owner: the class or function that takes the options as keyword arguments.
+        options: the section's mapping (``None``: no options).
+        path: the section's key path, for messages.
+        injected: parameters the builder fills in; a recipe may not set them.
+
+    Returns:
+        dict: the options, type-checked.
+
+    Raises:
+        ConfigError: an unknown key, a missing required key or a value of the wrong type, named by its path.
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{path}: expected a mapping of options, got {options!r} ({type(options).__name__})")
+    params = {p.name: (p, hint) for p, hint in _parameters(owner) if p.name not in injected}
+    name = getattr(owner, "__name__", str(owner))
+    out = {}
+    for key, value in options.items():
+        if key not in params:
+            valid = ", ".join(sorted(params)) or "none"
+            raise ConfigError(f"unknown key '{path}.{key}'; valid keys of {path} ({name}) are: {valid}")
+        out[key] = _check_type(value, params[key][1], f"{path}.{key}")
+    for key, (p, hint) in params.items():
+        if p.default is inspect.Parameter.empty and key not in out:
+            raise ConfigError(f"missing required key '{path}.{key}' ({_type_name(hint)}) for {name}")
+    return out
+
+
+def _check_components(section: str, entries: Any) -> dict:
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{section}: expected a mapping of name -> options, got {entries!r}")
+    reg = _COMPONENTS[section]
+    kind = section[:-1]
+    out = {}
+    for name, options in entries.items():
+        if options is False:  # switched off (a base recipe turned it on)
+            continue
+        if name not in reg:
+            raise ConfigError(f"unknown {kind} '{section}.{name}'; valid names are: {', '.join(sorted(reg))}")
+        if options is True:
+            options = None
+        cls = registry.resolve(reg, name, kind)
+        out[name] = check_options(cls, options, f"{section}.{name}", INJECTED.get(section, ()))
+    return out
+
+
+def _resolve_owner(section: str) -> Any:
+    module, _, attr = SECTION_OWNERS[section].partition(":")
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)
+
+
+def validate(raw: Any) -> TrainConfig:
+    """Checks a raw recipe's keys and types; returns the :class:`TrainConfig` or raises :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the recipe must be a mapping of keys, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; valid top-level keys are: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {name!r}")
+            continue
+        value = raw[name]
+        if name in SECTION_OWNERS:
+            if value is None and name == "eval_data":
+                kwargs[name] = None
+                continue
+            kwargs[name] = check_options(_resolve_owner(name), value, name, INJECTED[name])
+        elif name in _COMPONENTS:
+            kwargs[name] = _check_components(name, value)
+        else:
+            kwargs[name] = _check_type(value, hints[name], name)
+    return TrainConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------- files and overrides
+def parse_overrides(items: list[str]) -> list[tuple[tuple[str, ...], Any]]:
+    """``['a.b=1', 'c=[1, 2]']`` -> ``[(('a', 'b'), 1), (('c',), [1, 2])]``; values are parsed as YAML."""
+    out = []
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
+        parts = tuple(key.strip().split("."))
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p}")
-        parsed = yaml.safe_load(value) if value != "" else None
-        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                parsed = float(parsed) if any(c.isdigit() for c in parsed) else parsed
-            except ValueError:
-                pass
-        node[parts[-1]] = parsed
+        out.append((parts, read_yaml(value, f"the value of override {key!r}") if value != "" else None))
     return out
+
+
+def apply_overrides(recipe: dict, overrides: list[tuple[tuple[str, ...], Any]]) -> dict:
+    """Sets each override's value at its path, replacing what was there (a mapping too); returns a new recipe."""
+    import copy
+
+    recipe = copy.deepcopy(recipe)
+    for parts, value in overrides:
+        node = recipe
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None or child is True:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"override {'.'.join(parts)}: {where} is {child!r}, not a mapping with a key {parts[i + 1]!r}"
+                )
+            node = child
+        node[parts[-1]] = value
+    return recipe
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -174,190 +392,6 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _check_value(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _check_value(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{path}: expected null, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, path)
-    if origin is list or tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r} ({type(value).__name__})")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_check_value(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads 1e-4 without a dot as a string: accept numeric strings for floats
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            raise ConfigError(f"{path}: expected a number, got {value!r} ({type(value).__name__})")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r} ({type(value).__name__})")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r} ({type(value).__name__})")
-        return value
-    return value
-
-
-def _build_dataclass(cls: type, data: Any, path: str) -> Any:
-    where = path or "the recipe"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of options, got {data!r} ({type(data).__name__})")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        key = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"unknown key {key!r}; valid keys in {where} are: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{path}.{name}" if path else name
-        if name in data:
-            kwargs[name] = _check_value(data[name], hints[name], key)
-        elif f.default is _MISSING and f.default_factory is _MISSING:
-            raise ConfigError(f"missing required key {key!r} ({_type_name(hints[name])})")
-    return cls(**kwargs)
-
-
-def _check_component_options(section: str, entries: dict, reg: dict, kind: str) -> None:
-    # ``name: false`` switches off an entry that a base recipe turned on (e.g. ``callbacks.lr_monitor=false``)
-    for name in [n for n, options in entries.items() if options is False]:
-        del entries[name]
-    for name, options in entries.items():
-        path = f"{section}.{name}"
-        if name not in reg:
-            raise ConfigError(f"unknown {kind} {path!r}; valid names are: {', '.join(sorted(reg))}")
-        if options is None:
-            continue
-        if not isinstance(options, dict):
-            raise ConfigError(f"{path}: expected a mapping of options (or null), got {options!r}")
-        cls = registry.resolve(reg, name, kind)
-        params = inspect.signature(cls.__init__).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            continue
-        valid = [p for p in params if p != "self" and not (section == "callbacks" and p in _INJECTED)]
-        for key in options:
-            if key not in valid:
-                what = (
-                    f"valid options of {cls.__name__} are: {', '.join(valid)}"
-                    if valid
-                    else f"{cls.__name__} takes none"
-                )
-                raise ConfigError(f"unknown key '{path}.{key}'; {what}")
-        missing = [
-            p.name
-            for p in params.values()
-            if p.name != "self" and p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
-        ]
-        missing = [m for m in missing if m not in options and not (section == "callbacks" and m in _INJECTED)]
-        if missing:
-            raise ConfigError(f"missing required key '{path}.{missing[0]}' for {cls.__name__}")
-
-
-#: callback arguments that train.py fills in from the recipe itself
-_INJECTED = ("train_loader", "test_loader", "normalize")
-
-_PRECISIONS = ("fp32", "amp_fp16", "amp_bf16", "amp_fp8")
-_DEVICES = ("cpu", "gpu", "mps")
-
-
-def validate(raw: dict) -> TrainConfig:
-    """Checks a raw recipe mapping and returns the typed config; raises :class:`ConfigError`."""
-    cfg = _build_dataclass(TrainConfig, raw, "")
-    if cfg.precision is not None and cfg.precision not in _PRECISIONS:
-        raise ConfigError(f"precision: {cfg.precision!r} is not valid; choose one of {', '.join(_PRECISIONS)}")
-    if cfg.device is not None and cfg.device not in _DEVICES:
-        raise ConfigError(f"device: {cfg.device!r} is not valid; choose one of {', '.join(_DEVICES)}")
-    mb = cfg.device_train_microbatch_size
-    if isinstance(mb, str) and mb != "auto":
-        raise ConfigError(f"device_train_microbatch_size: expected an integer or 'auto', got {mb!r}")
-    opt = cfg.optimizer
-    if (opt.lr is None) == (opt.base_lr is None):
-        raise ConfigError(
-            "optimizer: give exactly one of 'optimizer.lr' (absolute) or 'optimizer.base_lr' (x batch / 256)"
-        )
-    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
-        raise ConfigError(f"optimizer.betas: expected two numbers in [0, 1), got {opt.betas}")
-    for section in ("train_data", "eval_data"):
-        data = getattr(cfg, section)
-        if data is None:
-            continue
-        if data.batch_size <= 0:
-            raise ConfigError(f"{section}.batch_size: must be positive, got {data.batch_size}")
-        for key in ("download_threads", "download_timeout", "shard_deadline"):
-            value = getattr(data, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{section}.{key}: must be positive, got {value}")
-        if data.normalize not in ("imagenet", "none"):
-            raise ConfigError(f"{section}.normalize: {data.normalize!r} is not valid; choose imagenet or none")
-        if len(data.crop_scale) != 2 or not 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1:
-            raise ConfigError(f"{section}.crop_scale: expected [lo, hi] with 0 < lo <= hi <= 1, got {data.crop_scale}")
-    from composer.core import Time
-
-    for key in ("max_duration", "scheduler.warmup", "save_interval", "console_log_interval", "eval_interval"):
-        obj, attr = (cfg.scheduler, "warmup") if key == "scheduler.warmup" else (cfg, key)
-        value = getattr(obj, attr)
-        if isinstance(value, int):
-            continue
-        try:
-            Time.from_timestring(value)
-        except (ValueError, TypeError):
-            raise ConfigError(
-                f"{key}: {value!r} is not a Composer time string (an integer and a unit: ep, ba, sp, dur, e.g. '10ep')"
-            ) from None
-    if isinstance(cfg.model.encoder, dict):
-        allowed = {"embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": float, "qkv_bias": bool}
-        for key, value in cfg.model.encoder.items():
-            if key not in allowed:
-                raise ConfigError(f"unknown key 'model.encoder.{key}'; valid keys are: {', '.join(allowed)}")
-            _check_value(value, allowed[key], f"model.encoder.{key}")
-        for key in ("embed_dim", "depth", "num_heads"):
-            if key not in cfg.model.encoder:
-                raise ConfigError(f"missing required key 'model.encoder.{key}' (or give a timm model name)")
-    if not 0 <= cfg.model.mask_ratio < 1:
-        raise ConfigError(f"model.mask_ratio: must be in [0, 1), got {cfg.model.mask_ratio}")
-    _check_component_options("algorithms", cfg.algorithms, registry.ALGORITHMS, "algorithm")
-    _check_component_options("callbacks", cfg.callbacks, registry.CALLBACKS, "callback")
-    _check_component_options("loggers", cfg.loggers, registry.LOGGERS, "logger")
-    return cfg
-
-
 def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Reads one recipe file, resolving its ``base:`` (a recipe path, relative to this file, or a list)."""
     if not path.is_file():
@@ -366,9 +400,10 @@ def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in chain:
         raise ConfigError(f"recipe {str(path)!r}: 'base' recipes form a cycle")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe {str(path)!r} cannot be read: {exc}") from None
+    raw = read_yaml(text, f"recipe {str(path)!r}")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -387,14 +422,36 @@ def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 
 
 def load_config(path: Union[str, Path], overrides: list[str] | None = None) -> TrainConfig:
-    """Reads a recipe (and its ``base:`` recipes), applies dot-list overrides and validates it.
-
-    A recipe may start from others: ``base: mae-vitb16.yaml`` (relative to the recipe's folder) is read
-    first and the recipe's own keys are merged over it, mapping by mapping.
+    """Reads a recipe (and its ``base:`` recipes), applies ``key.path=value`` overrides and checks it.
 
     Raises:
         ConfigError: a missing/unreadable file, bad YAML, or a bad key (named by its path).
     """
     raw = _read_recipe(Path(path))
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(raw, parse_overrides(overrides or []))
     return validate(raw)
+
+
+def build_section(path: str, build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Calls an owner with a section's options; its complaints become :class:`ConfigError` named by ``path``.
+
+    ``OptionError`` names the option (``model.mask_ratio: ...``); other ``ValueError`` / ``TypeError`` /
+    ``OSError`` / ``ImportError`` name the section. Set ``MAGMA_COMPOSER_DEBUG=1`` to see the traceback instead.
+    """
+    import os
+
+    from magma_composer.options import OptionError
+
+    if os.environ.get("MAGMA_COMPOSER_DEBUG"):
+        return build(*args, **kwargs)
+    try:
+        return build(*args, **kwargs)
+    except ConfigError:
+        raise
+    except OptionError as exc:
+        raise ConfigError(f"{path}.{exc.key}: {exc.message}") from exc
+    except ImportError as exc:
+        raise ConfigError(f"{path}: needs a package that is not installed: {exc}") from exc
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(path) else f"{path}: {message}") from exc

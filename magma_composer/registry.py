@@ -23,11 +23,31 @@ CALLBACKS: dict[str, str] = {
     "lr_monitor": "composer.callbacks:LRMonitor",
     "speed_monitor": "composer.callbacks:SpeedMonitor",
     "memory_monitor": "composer.callbacks:MemoryMonitor",
+    "optimizer_monitor": "composer.callbacks:OptimizerMonitor",
+    "activation_monitor": "composer.callbacks:ActivationMonitor",
+    "nan_monitor": "composer.callbacks:NaNMonitor",
+    "runtime_estimator": "composer.callbacks:RuntimeEstimator",
+    "system_metrics_monitor": "composer.callbacks:SystemMetricsMonitor",
+    "early_stopper": "composer.callbacks:EarlyStopper",
+    "threshold_stopper": "composer.callbacks:ThresholdStopper",
+    "memory_snapshot": "composer.callbacks:MemorySnapshot",
+    "oom_observer": "composer.callbacks:OOMObserver",
 }
 
+#: Every logger Composer ships, by name (console output is the recipe's ``progress_bar`` / ``log_to_console``).
+#: Loggers that need a package Composer does not install (mlflow, tensorboard, comet_ml, neptune, slack_sdk)
+#: say which when the recipe is read.
 LOGGERS: dict[str, str] = {
     "wandb": "composer.loggers:WandBLogger",
     "file": "composer.loggers:FileLogger",
+    "mlflow": "composer.loggers:MLFlowLogger",
+    "tensorboard": "composer.loggers:TensorboardLogger",
+    "cometml": "composer.loggers:CometMLLogger",
+    "neptune": "composer.loggers:NeptuneLogger",
+    "slack": "composer.loggers:SlackLogger",
+    "mosaicml": "composer.loggers:MosaicMLLogger",
+    "remote_uploader_downloader": "composer.loggers:RemoteUploaderDownloader",
+    "in_memory": "composer.loggers:InMemoryLogger",
 }
 
 

@@ -15,128 +15,73 @@ Every key of the recipe is checked (:mod:`magma_composer.config`) before any mod
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import sys
-import tempfile
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from composer import Trainer
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
-from composer.utils import dist, reproducibility
+from composer.utils import dist, get_device, reproducibility
 
 from magma_composer import registry
-from magma_composer.config import ConfigError, DataConfig, ModelConfig, OptimizerConfig, TrainConfig, load_config
+from magma_composer.checkpoints import (
+    CheckpointHashes,
+    check_output_file,
+    check_output_folder,
+    export_encoder,
+    guard_run,
+    resolve_run_name,
+    verify_checkpoint,
+)
+from magma_composer.config import INJECTED, ConfigError, TrainConfig, build_section, load_config
+from magma_composer.data.loader import build_image_dataloader
 from magma_composer.models import ComposerMAE
+from magma_composer.options import OptionError, check_number
 
-__all__ = ["build_dataloader", "build_model", "build_optimizer", "build_trainer", "main"]
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def build_model(cfg: ModelConfig) -> ComposerMAE:
-    """The ComposerMAE of ``model:``."""
-    return ComposerMAE(
-        encoder=cfg.encoder,
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        mask_ratio=cfg.mask_ratio,
-        norm_pix_loss=cfg.norm_pix_loss,
-        decoder_dim=cfg.decoder_dim,
-        decoder_depth=cfg.decoder_depth,
-        decoder_heads=cfg.decoder_heads,
-    )
-
-
-def _cache_folder(remote: str, split: str | None, tag: str) -> str:
-    digest = hashlib.sha1(f"{remote}|{split}|{tag}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "magma_composer_cache", digest)
-
-
-def build_dataset(cfg: DataConfig, image_size: int, train: bool, seed: int, tag: str = "") -> Any:
-    """A :class:`~magma_composer.data.StreamingImageDataset` for a ``train_data`` / ``eval_data`` section.
-
-    A local ``remote`` folder is read in place; a URI streams into ``local`` (default: a temporary
-    cache folder unique per remote, split and ``tag``).
-    """
-    from magma_composer.data import StreamingImageDataset
-
-    if _is_uri(cfg.remote):
-        remote, local = cfg.remote, cfg.local or _cache_folder(cfg.remote, cfg.split, tag)
-    else:
-        root = Path(cfg.remote) / (cfg.split or "")
-        if not (root / "index.json").is_file():
-            raise FileNotFoundError(
-                f"no MDS index at {root / 'index.json'}: 'remote' must be an MDS folder (written by "
-                "python -m magma_composer.data.convert) or a URI such as s3://bucket/prefix"
-            )
-        remote, local = None, cfg.remote
-        if cfg.local is not None:
-            remote, local = cfg.remote, cfg.local
-    # evaluation data is shuffled too (seeded, so deterministic): capped kNN queries and pictures then span the classes
-    shuffle = True if cfg.shuffle is None else cfg.shuffle
-    kwargs: dict[str, Any] = dict(
-        shuffle=shuffle,
-        shuffle_seed=cfg.shuffle_seed if cfg.shuffle_seed is not None else seed,
-        shuffle_algo=cfg.shuffle_algo,
-        batch_size=cfg.batch_size,
-        download_retry=cfg.download_retry,
-        download_timeout=cfg.download_timeout,
-        download_threads=cfg.download_threads,
-        shard_deadline=cfg.shard_deadline,
-    )
-    kwargs["validate_hash"] = None if cfg.validate_hash == "none" else cfg.validate_hash
-    for key in ("num_canonical_nodes", "predownload", "cache_limit"):
-        if getattr(cfg, key) is not None:
-            kwargs[key] = getattr(cfg, key)
-    if cfg.max_samples is not None:
-        kwargs["epoch_size"] = cfg.max_samples
-    return StreamingImageDataset(
-        remote=remote,
-        local=local,
-        split=cfg.split,
-        image_size=image_size,
-        train=train,
-        crop_scale=cfg.crop_scale,
-        hflip=cfg.hflip,
-        normalize=cfg.normalize,
-        resize_ratio=cfg.resize_ratio,
-        **kwargs,
-    )
-
-
-def build_dataloader(cfg: DataConfig, image_size: int, train: bool, seed: int, tag: str = "") -> Any:
-    """A resumable :class:`streaming.StreamingDataLoader` over :func:`build_dataset`."""
-    from streaming import StreamingDataLoader
-
-    dataset = build_dataset(cfg, image_size, train, seed, tag)
-    return StreamingDataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        drop_last=cfg.drop_last if train else False,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
-    )
-
+__all__ = ["build_optimizer", "build_scheduler", "build_trainer", "main"]
 
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "reg_token")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, global_batch: int) -> DecoupledAdamW:
-    """DecoupledAdamW; with ``no_decay_norm_bias`` norms, biases and tokens get no weight decay.
+def build_optimizer(
+    model: torch.nn.Module,
+    global_batch: int,
+    lr: float | None = None,
+    base_lr: float | None = None,
+    betas: Sequence[float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.05,
+    no_decay_norm_bias: bool = True,
+) -> DecoupledAdamW:
+    """DecoupledAdamW (the recipe's ``optimizer:`` section); give ``lr``, or ``base_lr`` scaled by the batch.
 
-    ``cfg.weight_decay`` follows ``torch.optim.AdamW`` (and the papers): each step multiplies the weights by
+    ``weight_decay`` follows ``torch.optim.AdamW`` (and the papers): each step multiplies the weights by
     ``1 - lr_t * weight_decay``. Composer's DecoupledAdamW takes the unscaled factor, so it gets
     ``lr * weight_decay`` (and scales it by the schedule as AdamW does).
+
+    Args:
+        model (torch.nn.Module): the model whose trainable parameters are optimised.
+        global_batch (int): samples per step over all ranks (for ``base_lr``).
+        lr (float, optional): the peak learning rate.
+        base_lr (float, optional): the peak learning rate per 256 samples: ``lr = base_lr * global_batch / 256``.
+        betas (Sequence[float]): Adam's betas, each in [0, 1).
+        eps (float): Adam's epsilon.
+        weight_decay (float): decoupled weight decay, AdamW convention.
+        no_decay_norm_bias (bool): no weight decay on norms, biases, cls/mask tokens and position embeddings.
     """
-    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 256
-    if cfg.no_decay_norm_bias:
+    if (lr is None) == (base_lr is None):
+        raise OptionError("lr", "give exactly one of 'lr' (absolute) or 'base_lr' (x global batch / 256)")
+    key, value = ("lr", lr) if lr is not None else ("base_lr", base_lr)
+    check_number(key, value, 0.0, open_min=True)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise OptionError("betas", f"expected two numbers in [0, 1), got {list(betas)}")
+    check_number("eps", eps, 0.0, open_min=True)
+    check_number("weight_decay", weight_decay, 0.0)
+    lr = lr if lr is not None else base_lr * global_batch / 256
+    if no_decay_norm_bias:
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             if not p.requires_grad:
@@ -145,62 +90,113 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, global_batch: 
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     else:
         groups = [p for p in model.parameters() if p.requires_grad]
-    return DecoupledAdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=lr * cfg.weight_decay)
+    return DecoupledAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=lr * weight_decay)
 
 
-def _build_components(section: dict, reg: dict, kind: str, injected: dict) -> list:
+def build_scheduler(warmup: str = "0ba", alpha_f: float = 0.0) -> CosineAnnealingWithWarmupScheduler:
+    """Linear warm-up then cosine decay (the recipe's ``scheduler:`` section), stepped every batch.
+
+    Args:
+        warmup (str): the warm-up length in Composer time (``10ep``, ``500ba``, ``0.025dur``).
+        alpha_f (float): the final learning rate as a fraction of the peak, in [0, 1].
+    """
+    from composer.core import Time
+
+    try:
+        Time.from_timestring(warmup)
+    except (ValueError, TypeError):
+        raise OptionError("warmup", f"{warmup!r} is not a Composer time string such as '10ep' or '500ba'") from None
+    check_number("alpha_f", alpha_f, 0.0, 1.0)
+    return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=alpha_f)
+
+
+def _build_components(section: str, entries: dict, reg: dict, available: dict[str, Any]) -> list:
+    """Builds each ``name: options`` entry; arguments the builder fills in come from ``available``."""
     out = []
-    for name, options in section.items():
-        cls = registry.resolve(reg, name, kind)
-        options = dict(options or {})
+    for name, options in entries.items():
+        cls = registry.resolve(reg, name, section[:-1])
+        kwargs = dict(options)
         params = inspect.signature(cls.__init__).parameters
-        for key, value in injected.items():
-            if key in params and key not in options:
-                options[key] = value() if callable(value) else value
-        try:
-            out.append(cls(**options))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{kind}s.{name}: {exc}") from exc
+        for key in INJECTED.get(section, ()):
+            if key not in params:
+                continue
+            if available.get(key) is None:
+                if params[key].default is inspect.Parameter.empty:
+                    raise ConfigError(f"{section}.{name}: needs {_NEEDS[key]}")
+                continue
+            kwargs[key] = available[key]() if callable(available[key]) else available[key]
+        out.append(build_section(f"{section}.{name}", cls, **kwargs))
     return out
 
 
+_NEEDS = {
+    "test_loader": "an 'eval_data' section (its held-out images)",
+    "train_loader": "a 'train_data' section",
+    "normalize": "a data set",
+}
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
-    """Builds the model, data, optimizer, schedule, algorithms, callbacks and loggers, then the Trainer."""
+    """Builds the model, data, optimizer, schedule, algorithms, callbacks and loggers, then the Trainer.
+
+    Every option is checked by the constructor that owns it; a bad one is a :class:`ConfigError` naming its key
+    path, raised before the Trainer starts.
+    """
     reproducibility.seed_all(cfg.seed)
-    # algorithms first: their options (schedules, basis files) fail before any model or data is built
-    algorithms = _build_components(cfg.algorithms, registry.ALGORITHMS, "algorithm", {})
-    model = build_model(cfg.model)
-    image_size = cfg.train_data.image_size or cfg.model.img_size
-    train_loader = build_dataloader(cfg.train_data, image_size, train=True, seed=cfg.seed, tag="train")
-    eval_loader = None
-    if cfg.eval_data is not None:
-        eval_size = cfg.eval_data.image_size or cfg.model.img_size
-        eval_loader = build_dataloader(cfg.eval_data, eval_size, train=False, seed=cfg.seed, tag="eval")
-
-    def bank_loader():  # the kNN memory bank: the training split with the evaluation transform
-        # seeded shuffle: a capped bank (knn_monitor.max_train_samples) is then a random subset, not the first classes
-        bank_cfg = DataConfig(**{**cfg.train_data.__dict__, "shuffle": True, "max_samples": None})
-        return build_dataloader(bank_cfg, image_size, train=False, seed=cfg.seed, tag="bank")
-
-    def test_loader():
-        if eval_loader is None:
-            raise ConfigError("callbacks knn_monitor and reconstruction_images need an 'eval_data' section")
-        return eval_loader
-
-    injected = {"train_loader": bank_loader, "test_loader": test_loader, "normalize": cfg.train_data.normalize}
-    callbacks = _build_components(cfg.callbacks, registry.CALLBACKS, "callback", injected)
-    loggers = _build_components(cfg.loggers, registry.LOGGERS, "logger", {})
-
-    global_batch = cfg.train_data.batch_size * dist.get_world_size()
-    optimizer = build_optimizer(model, cfg.optimizer, global_batch)
-    scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=cfg.scheduler.warmup, alpha_f=cfg.scheduler.alpha_f)
     device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    # joined now (the Trainer's own call is then a no-op) so that every rank agrees on a generated run name
+    dist.initialize_dist(get_device(device), cfg.dist_timeout)
+    run_name = resolve_run_name(cfg.run_name)
+    save_folder = None if cfg.save_folder is None else cfg.save_folder.format(run_name=run_name)
+    # output places are checked before any work, so that a long run never fails at its first save
+    if save_folder is not None:
+        build_section("save_folder", check_output_folder, save_folder, "save_folder")
+    if cfg.export_encoder is not None:
+        export_path = cfg.export_encoder.format(run_name=run_name)
+        build_section(
+            "export_encoder",
+            check_output_file,
+            export_path,
+            "export_encoder",
+            overwrite=cfg.save_overwrite,
+            overwrite_option="save_overwrite: true",
+        )
+    if cfg.load_path is not None:
+        build_section("load_path", verify_checkpoint, cfg.load_path)
+    # algorithms first: their options (schedules, basis files) fail before any model or data is built
+    algorithms = _build_components("algorithms", cfg.algorithms, registry.ALGORITHMS, {})
+    model = build_section("model", ComposerMAE, **cfg.model)
+    build_section("save_folder", guard_run, save_folder, run_name, cfg.autoresume, cfg.save_overwrite, model)
+    global_batch = cfg.train_data.get("batch_size", 0) * dist.get_world_size()
+    optimizer = build_section("optimizer", build_optimizer, model, global_batch, **cfg.optimizer)
+    scheduler = build_section("scheduler", build_scheduler, **cfg.scheduler)
+    loggers = _build_components("loggers", cfg.loggers, registry.LOGGERS, {})
+
+    def data(section: str, options: dict, train: bool, tag: str) -> Any:
+        options = {"image_size": model.img_size, "shuffle_seed": cfg.seed, **options}
+        return build_section(section, build_image_dataloader, train=train, cache_tag=tag, **options)
+
+    train_loader = data("train_data", cfg.train_data, True, "train")
+    eval_loader = None if cfg.eval_data is None else data("eval_data", cfg.eval_data, False, "eval")
+
+    def bank_loader() -> Any:  # the kNN memory bank: the training split with the evaluation transform
+        options = {k: v for k, v in cfg.train_data.items() if k not in ("crop_scale", "hflip", "max_samples")}
+        # seeded shuffle: a capped bank (knn_monitor.max_train_samples) is then a random subset, not the first classes
+        return data("train_data", {**options, "shuffle": True}, False, "bank")
+
+    available = {
+        "train_loader": bank_loader,
+        "test_loader": eval_loader,
+        "normalize": (cfg.eval_data or cfg.train_data).get("normalize", "imagenet"),
+    }
+    callbacks = _build_components("callbacks", cfg.callbacks, registry.CALLBACKS, available)
+    if save_folder is not None:
+        callbacks.append(CheckpointHashes())
+
     if device == "cpu":
         torch.set_num_threads(cpu_threads(cfg))
     precision = cfg.precision or ("amp_bf16" if device == "gpu" else "fp32")
-    microbatch = cfg.device_train_microbatch_size or cfg.train_data.batch_size
-    if cfg.autoresume and (cfg.save_folder is None or cfg.run_name is None):
-        raise ConfigError("autoresume: true needs both 'save_folder' and 'run_name'")
+    microbatch = cfg.device_train_microbatch_size or cfg.train_data["batch_size"]
     return Trainer(
         model=model,
         train_dataloader=train_loader,
@@ -213,11 +209,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         algorithms=algorithms,
         callbacks=callbacks,
         loggers=loggers,
-        run_name=cfg.run_name,
+        run_name=run_name,
         progress_bar=cfg.progress_bar,
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
-        save_folder=cfg.save_folder,
+        save_folder=save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite,
@@ -240,7 +236,7 @@ def cpu_threads(cfg: TrainConfig) -> int:
     if cfg.cpu_threads is not None:
         return max(1, cfg.cpu_threads)
     per_rank = (os.cpu_count() or 1) // max(1, dist.get_local_world_size())
-    return max(1, per_rank - cfg.train_data.num_workers)
+    return max(1, per_rank - cfg.train_data.get("num_workers", 2))
 
 
 def _checkpoint_path(trainer: Trainer) -> str | None:
@@ -251,13 +247,6 @@ def _checkpoint_path(trainer: Trainer) -> str | None:
     return None
 
 
-def export_encoder(trainer: Trainer, path: str) -> None:
-    """Writes the encoder's timm state dict (load with ``timm.create_model(name, num_classes=0)``)."""
-    model = getattr(trainer.state.model, "module", trainer.state.model)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.net.encoder.state_dict(), path)
-
-
 def main(argv: list[str] | None = None) -> Trainer:
     """Entry point: ``python -m magma_composer.train RECIPE.yaml [key.path=value ...]``."""
     argv = sys.argv[1:] if argv is None else argv
@@ -266,13 +255,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         raise SystemExit(0 if argv else 2)
     try:
         cfg = load_config(argv[0], argv[1:])
+        trainer = build_trainer(cfg)
     except ConfigError as exc:
         print(f"magma_composer.train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    trainer = build_trainer(cfg)
     trainer.fit()
-    if cfg.export_encoder and dist.get_global_rank() == 0:
-        export_encoder(trainer, cfg.export_encoder)
+    export_path = cfg.export_encoder.format(run_name=trainer.state.run_name) if cfg.export_encoder else None
+    if export_path and dist.get_global_rank() == 0:
+        export_encoder(trainer.state.model, export_path)
     if dist.get_global_rank() == 0:
         lines = []
         for cb in trainer.state.callbacks:
@@ -283,8 +273,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         for cb in trainer.state.callbacks:
             for path in getattr(cb, "paths", [])[-1:]:
                 lines.append(f"reconstruction picture: {path}")
-        if cfg.export_encoder:
-            lines.append(f"encoder (timm state dict): {cfg.export_encoder}")
+        if export_path:
+            lines.append(f"encoder (timm state dict): {export_path}")
         print("\n".join(["", "=" * 72, *lines, "=" * 72]), flush=True)
     return trainer
 

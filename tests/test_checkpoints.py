@@ -363,7 +363,6 @@ def test_demo_recipe_gives_each_run_its_own_folders():
     assert len({output.format(run_name=name) for output in outputs for name in names}) == 2 * len(outputs)
 
 
-@pytest.mark.xfail(reason="needs train.py wiring", strict=False)
 def test_main_refuses_another_runs_folder(demo_mds, tmp_path, capsys):
     from magma_composer.train import main
 

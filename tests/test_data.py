@@ -13,11 +13,11 @@ from magma_composer.data.demo import CLASSES, render, write_demo_dataset
 
 def test_dataset_train_and_eval_views(demo_mds, tmp_path):
     train = StreamingImageDataset(
-        local=str(demo_mds), split="train", image_size=24, train=True, normalize="none", batch_size=8
+        str(demo_mds), split="train", image_size=24, train=True, normalize="none", batch_size=8
     )
     x, y = train[0]
     assert x.shape == (3, 24, 24) and 0.0 <= x.min() and x.max() <= 1.0 and y == 0
-    evaluation = StreamingImageDataset(local=str(demo_mds), split="test", image_size=32, train=False, batch_size=8)
+    evaluation = StreamingImageDataset(str(demo_mds), split="test", image_size=32, train=False, batch_size=8)
     a, _ = evaluation[5]
     b, _ = evaluation[5]
     assert torch.equal(a, b)  # no augmentation: the same tensor every time
@@ -28,8 +28,10 @@ def test_dataset_train_and_eval_views(demo_mds, tmp_path):
 
 
 def test_dataset_needs_a_location():
-    with pytest.raises(ValueError, match="needs `remote`"):
-        StreamingImageDataset()
+    with pytest.raises(ValueError, match="remote: expected a local folder or a URI"):
+        StreamingImageDataset("")
+    with pytest.raises(ValueError, match="names no bucket"):
+        StreamingImageDataset("s3://")
 
 
 def test_transform_options():
@@ -37,7 +39,7 @@ def test_transform_options():
     assert train_transform(16, (0.5, 1.0))(img).shape == (3, 16, 16)
     out = eval_transform(16, normalize="none")(img)
     assert torch.allclose(out[0], torch.ones(16, 16)) and torch.allclose(out[1], torch.zeros(16, 16))
-    with pytest.raises(ValueError, match="normalize='zscore' is not valid"):
+    with pytest.raises(ValueError, match="normalize: 'zscore' is not valid"):
         eval_transform(16, normalize="zscore")
     with pytest.raises(ValueError, match="crop_scale"):
         train_transform(16, (0.0, 1.0))

@@ -131,7 +131,7 @@ def test_sincos_embedding_properties():
 def test_bad_options():
     with pytest.raises(ValueError, match="mask_ratio"):
         tiny_mae(mask_ratio=1.0)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="encoder.width: unknown key"):
         ComposerMAE({"embed_dim": 32, "depth": 1, "num_heads": 2, "width": 3}, img_size=32, patch_size=8)
     with pytest.raises(ValueError, match="not divisible"):
         patchify(torch.zeros(1, 3, 30, 30), 8)

@@ -164,14 +164,14 @@ def _series(logger, key):
     "kwargs, error, message",
     [
         ({"reference_layers": []}, ValueError, "at least one block"),
-        ({"reference_layers": "10"}, TypeError, "list of block indices"),
-        ({"reference_layers": [1.5]}, TypeError, "int block indices"),
-        ({"target_layer": True}, TypeError, "int block indices"),
+        ({"reference_layers": "10"}, ValueError, "reference_layers: expected a list of block indices"),
+        ({"reference_layers": [1.5]}, ValueError, r"reference_layers\[0\]: expected an integer"),
+        ({"target_layer": True}, ValueError, "target_layer: expected an integer"),
         ({"rbf_scale": -1}, ValueError, "rbf_scale"),
         ({"eps": 0}, ValueError, "eps"),
-        ({"weight": "1.0"}, TypeError, "weight must be a number or a mapping"),
+        ({"weight": "1.0"}, ValueError, "weight: weight must be a number or a mapping"),
         ({"weight": {"type": "warmup", "start": "1ep"}}, ValueError, "missing"),
-        ({"gather": "yes"}, TypeError, "gather must be true or false"),
+        ({"gather": "yes"}, ValueError, "gather: expected true or false"),
     ],
 )
 def test_algorithm_rejects_bad_options(kwargs, error, message):

@@ -123,7 +123,7 @@ def basis_path(demo_mds, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def images(demo_mds) -> torch.Tensor:
     ds = StreamingImageDataset(
-        local=str(demo_mds), split="train", image_size=SIZE, train=False, normalize="none", shuffle=False, batch_size=8
+        str(demo_mds), split="train", image_size=SIZE, train=False, normalize="none", shuffle=False, batch_size=8
     )
     return torch.stack([ds[i][0] for i in range(32)])
 
@@ -143,13 +143,13 @@ class Batches(Callback):
             self.loaded.append(state.batch[0].clone())
         elif event == Event.AFTER_FORWARD:
             self.fed.append(state.batch[0].clone())
-        elif event == Event.EVAL_AFTER_FORWARD:
-            self.evaluated.append(state.batch[0].clone())
+        elif event == Event.EVAL_AFTER_FORWARD:  # what the model made of the batch (prepare_images)
+            self.evaluated.append(state.outputs["input"].clone())
 
 
 def test_trainer_fit_masks_components_and_adds_the_loss(demo_mds, basis_path):
     data = StreamingImageDataset(
-        local=str(demo_mds), split="train", image_size=SIZE, train=True, normalize="none", batch_size=8
+        str(demo_mds), split="train", image_size=SIZE, train=True, normalize="none", batch_size=8
     )
     model, spy, mem = tiny_mae(), Batches(), InMemoryLogger()
     eval_images = torch.rand(8, 3, SIZE, SIZE)
@@ -167,7 +167,7 @@ def test_trainer_fit_masks_components_and_adds_the_loss(demo_mds, basis_path):
         device="cpu",
         seed=1,
     )
-    assert model.patch_masking is False and model.pixel_loss is False
+    assert model.drops_patches is False and model.loss({}, None) == {}
     assert not model.net.mask_token.requires_grad  # unused without patch dropping
     trainer.fit()
     basis = load_basis(basis_path)
@@ -184,7 +184,7 @@ def test_trainer_fit_masks_components_and_adds_the_loss(demo_mds, basis_path):
     assert zero[0] == pytest.approx(float(basis.eigenvalues[masked].mean()), rel=1e-12)
     variance = float(mem.data["pca_masking/masked_variance"][0][1])
     assert variance == pytest.approx(float(basis.ratios[masked].sum()), rel=1e-12)
-    # evaluation batches are the standardised whole images
+    # evaluation sees the standardised whole images, through the model's prepare_images
     assert len(spy.evaluated) == 1
     expected = ((eval_images.reshape(8, -1).double() - basis.mean) / basis.std).float().reshape(eval_images.shape)
     assert torch.allclose(spy.evaluated[0], expected, atol=1e-5)
@@ -261,14 +261,16 @@ def test_works_with_magma_and_uniformity(images, basis_path):
 
 # ---------------------------------------------------------------------- errors
 def test_option_errors():
-    for ratio in (0, 1, -0.1, 1.5, True):
-        with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\)"):
+    for ratio in (0, 1, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"ratio: must be in \(0.0, 1.0\)"):
             PCAMasking("b.pt", ratio=ratio)
-    with pytest.raises(ValueError, match="ratio_range must be"):
+    with pytest.raises(ValueError, match="ratio: expected a finite number"):
+        PCAMasking("b.pt", ratio=True)
+    with pytest.raises(ValueError, match="ratio_range: must be"):
         PCAMasking("b.pt", ratio_range=(0.5, 0.1))
-    with pytest.raises(ValueError, match="residual='none' is not valid"):
+    with pytest.raises(ValueError, match="residual: 'none' is not valid"):
         PCAMasking("b.pt", residual="none")
-    with pytest.raises(TypeError, match="basis must be a file path or a PCABasis"):
+    with pytest.raises(ValueError, match="basis: expected a basis file path or a PCABasis"):
         PCAMasking(3)
 
 
@@ -285,13 +287,13 @@ def make_trainer(model, algorithm, images, **kw) -> Trainer:
 
 
 def test_basis_and_model_errors(demo_mds, basis_path, images, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        make_trainer(tiny_mae(), PCAMasking(tmp_path / "missing.pt"), images)
+    with pytest.raises(ValueError, match="basis: PCA basis file .* does not exist"):
+        PCAMasking(tmp_path / "missing.pt")  # when the algorithm is made, not at the first step
     payload = torch.load(basis_path, weights_only=True)
     payload["mean"][0] += 0.01
     torch.save(payload, tmp_path / "edited.pt")
-    with pytest.raises(ValueError, match="corrupted"):
-        make_trainer(tiny_mae(), PCAMasking(tmp_path / "edited.pt"), images)
+    with pytest.raises(ValueError, match="basis: .*(corrupted|truncated)"):
+        PCAMasking(tmp_path / "edited.pt")
     with pytest.raises(ValueError, match="3 x 16 x 16 images, but the model .* uses 3 x 32 x 32"):
         make_trainer(tiny_mae(img_size=32, patch_size=8), PCAMasking(basis_path), images)
     with pytest.raises(ValueError, match="needs a magma_composer.models.ComposerMAE"):

@@ -104,13 +104,12 @@ def test_two_rank_composer_launcher(demo_mds, tmp_path):
 
 
 def test_optimizer_groups_and_adamw_weight_decay_convention():
-    from magma_composer.config import OptimizerConfig
     from magma_composer.models import ComposerMAE
     from magma_composer.train import build_optimizer
     from tests.conftest import TINY_MODEL
 
     model = ComposerMAE(**TINY_MODEL)
-    opt = build_optimizer(model, OptimizerConfig(base_lr=1.5e-4, weight_decay=0.05), global_batch=512)
+    opt = build_optimizer(model, global_batch=512, base_lr=1.5e-4, weight_decay=0.05)
     decay, no_decay = opt.param_groups
     assert decay["lr"] == pytest.approx(3e-4)  # base_lr x 512 / 256
     assert decay["weight_decay"] == pytest.approx(3e-4 * 0.05)  # torch AdamW: decay lr * wd per step

@@ -31,16 +31,17 @@ import logging
 import warnings
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from magma_composer.models.taps import FeatureTap, get_feature_tap
+from magma_composer.options import OptionError
 from magma_composer.schedules import WeightSchedule, build_schedule
 
-__all__ = ["TapRegularizer"]
+__all__ = ["TapRegularizer", "TermRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,26 @@ def _loss_dict(loss: Any) -> dict[str, torch.Tensor]:
     raise TypeError(f"the model's loss() returned {type(loss).__name__}; expected a tensor, a tuple or a dict")
 
 
+class TermRecord(NamedTuple):
+    """One step's diagnostics of a term, kept on the device until it is logged (0-d float32 tensors).
+
+    Attributes:
+        n_valid: how many parts of the term (reference layers x forward calls) were valid, not skipped.
+        n_total: how many parts there were.
+        term: the unweighted term, averaged over the valid parts (0 if none).
+        stats: the subclass's diagnostics by name (``gamma``, ``feature_norm``...), averaged like ``term``.
+    """
+
+    n_valid: torch.Tensor
+    n_total: torch.Tensor
+    term: torch.Tensor
+    stats: dict[str, torch.Tensor]
+
+
 class TapRegularizer(Algorithm):
     """Base class: a weighted, batch-wide loss term computed from features recorded by a :class:`FeatureTap`.
 
-    Subclasses set :attr:`key` (the loss-dict key and metric prefix) and :attr:`stat_names` (the
-    diagnostics that follow ``n_valid, n_total, term`` in each record), and implement :meth:`_request`
+    Subclasses set :attr:`key` (the loss-dict key and metric prefix) and implement :meth:`_request`
     and :meth:`_compute`.
 
     Args:
@@ -97,17 +113,19 @@ class TapRegularizer(Algorithm):
     """
 
     key: str = ""
-    stat_names: tuple[str, ...] = ()
 
     def __init__(self, weight: Union[float, Mapping[str, Any], WeightSchedule], gather: bool) -> None:
-        self.schedule = build_schedule(weight, "weight")
+        try:
+            self.schedule = build_schedule(weight, "weight")
+        except (TypeError, ValueError) as exc:
+            raise OptionError("weight", str(exc)) from exc
         if not isinstance(gather, bool):
-            raise TypeError(f"gather must be true or false, got {gather!r}")
+            raise OptionError("gather", f"expected true or false, got {gather!r}")
         self.gather = gather
         self._tap: FeatureTap | None = None
         self._weight = 0.0
         self._batch = 0
-        self._records: list[torch.Tensor] = []
+        self._records: list[TermRecord] = []
         self._warned_microbatch = False
 
     # ------------------------------------------------------------------ subclass interface
@@ -116,26 +134,31 @@ class TapRegularizer(Algorithm):
         """Validates the options against the ViT and asks the tap for the features (called at INIT)."""
 
     @abstractmethod
-    def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(term, record)``: the unweighted scalar term (0 where no part of it was valid) and a
-        detached float32 vector ``[n_valid, n_total, term, *stats]`` for logging (``term`` and the stats
-        averaged over the valid parts)."""
+    def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, TermRecord]:
+        """Returns ``(term, record)``: the unweighted scalar term (0 where no part of it was valid) and its
+        :class:`TermRecord` (see :meth:`_average_valid`)."""
 
     @staticmethod
     def _average_valid(
-        values: list[torch.Tensor], valids: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Averages the parts of a term over the valid ones (no device sync).
+        values: list[torch.Tensor], valids: list[torch.Tensor], stats: dict[str, list[torch.Tensor]]
+    ) -> tuple[torch.Tensor, TermRecord]:
+        """Averages the parts of a term, and each named diagnostic, over the valid parts (no device sync).
+
+        ``stats`` holds one value per part for each diagnostic; a skipped part's values must be 0.
 
         Returns:
-            ``(term, denominator, head)``: the mean of the valid parts (0 if none), the number of valid parts
-            (at least 1, to average the stats with), and the record's first entries ``[n_valid, n_total, term]``.
+            ``(term, record)``: the mean of the valid parts (0 if none) and the step's :class:`TermRecord`.
         """
         n_valid = torch.stack(valids).sum()
         denominator = n_valid.clamp_min(1)
         term = torch.stack(values).sum() / denominator
-        head = [n_valid.float(), n_valid.new_full((), len(values), dtype=torch.float32), term.detach().float()]
-        return term, denominator, head
+        record = TermRecord(
+            n_valid=n_valid.float(),
+            n_total=n_valid.new_full((), len(values), dtype=torch.float32),
+            term=term.detach().float(),
+            stats={name: torch.stack(parts).detach().float().sum() / denominator for name, parts in stats.items()},
+        )
+        return term, record
 
     # ------------------------------------------------------------------ events
     def match(self, event: Event, state: State) -> bool:
@@ -199,10 +222,14 @@ class TapRegularizer(Algorithm):
         name = type(self).__name__
         metrics = {f"{self.key}/weight": self._weight}
         if self._records:
-            rows = torch.stack(self._records).tolist()  # the trainer has synchronised already
+            names = list(self._records[0].stats)
+            columns = ["n_valid", "n_total", "term", *names]
+            flat = [[r.n_valid, r.n_total, r.term, *(r.stats[n] for n in names)] for r in self._records]
+            # one transfer for all records; the trainer has synchronised already
+            rows = [dict(zip(columns, row)) for row in torch.stack([torch.stack(f) for f in flat]).tolist()]
             self._records = []
-            n_valid = sum(row[0] for row in rows)
-            n_total = sum(row[1] for row in rows)
+            n_valid = sum(row["n_valid"] for row in rows)
+            n_total = sum(row["n_total"] for row in rows)
             if n_valid < n_total:
                 log.warning(
                     "%s: term skipped for %d of %d evaluations in batch %d: %s",
@@ -214,8 +241,8 @@ class TapRegularizer(Algorithm):
                 )
             metrics[f"{self.key}/skipped"] = n_total - n_valid
             if n_valid:
-                for j, stat in enumerate(("term",) + self.stat_names, start=2):
-                    metrics[f"{self.key}/{stat}"] = sum(row[j] * row[0] for row in rows) / n_valid
+                for name in columns[2:]:
+                    metrics[f"{self.key}/{name}"] = sum(row[name] * row["n_valid"] for row in rows) / n_valid
         logger.log_metrics(metrics, step=self._batch)
 
     def _skip_reason(self) -> str:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
-from composer.core import Callback, Event, State, Time, TimeUnit
+from composer.core import Callback, Event, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
+from magma_composer.callbacks.interval import parse_interval
 from magma_composer.evaluation import extract_features, knn_top1
+from magma_composer.options import OptionError, check_int, check_number
 
 __all__ = ["KNNMonitor"]
 
@@ -59,10 +61,15 @@ class KNNMonitor(Callback):
         self.train_loader = train_loader
         self.test_loader = test_loader
         self.ks = [k] if isinstance(k, int) else list(k)
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"knn_monitor.k must be positive integers, got {k!r}")
-        self.interval = None if interval in (0, "0", None) else Time.from_input(interval, TimeUnit.EPOCH)
-        self.temperature = temperature
+        if not self.ks:
+            raise OptionError("k", "must name at least one number of neighbours")
+        for i, value in enumerate(self.ks):
+            check_int(f"k[{i}]", value, 1)
+        self.interval = parse_interval(interval)
+        self.temperature = check_number("temperature", temperature, 0.0, open_min=True)
+        for key, value in (("max_train_samples", max_train_samples), ("max_test_samples", max_test_samples)):
+            if value is not None:
+                check_int(key, value, 1)
         self.at_fit_start = at_fit_start
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
@@ -71,23 +78,16 @@ class KNNMonitor(Callback):
         self.history: list[tuple[str, dict[int, float]]] = []
 
     @torch.no_grad()
-    def measure(
-        self, model: torch.nn.Module, device: torch.device, preprocess: Callable | None = None
-    ) -> dict[int, float]:
-        """Encodes both loaders with ``model`` and returns ``{k: top-1 %}`` (same value on every rank).
+    def measure(self, model: torch.nn.Module, device: torch.device) -> dict[int, float]:
+        """Encodes both loaders with ``model.extract_features`` and returns ``{k: top-1 %}`` (same on every rank).
 
-        ``preprocess`` maps loader images to the model's input (e.g. PCA masking's standardisation).
+        The model prepares the loaders' images itself (``ComposerMAE.prepare_images``), e.g. PCA masking's
+        standardisation.
         """
         was_training = model.training
         model.eval()
         try:
             encode = _encode_fn(model)
-            if preprocess is not None:
-                extract = encode
-
-                def encode(images: torch.Tensor) -> torch.Tensor:
-                    return extract(preprocess(images))
-
             progress = self.progress and dist.get_global_rank() == 0
             bank = extract_features(encode, self.train_loader, device, self.max_train_samples, progress, "kNN bank")
             query = extract_features(encode, self.test_loader, device, self.max_test_samples, progress, "kNN query")
@@ -100,10 +100,8 @@ class KNNMonitor(Callback):
         return knn_top1(*bank, *query, k=self.ks, temperature=self.temperature)
 
     def _record(self, label: str, state: State, logger: Logger) -> None:
-        # an algorithm that rewrites the model's inputs (PCA masking) says how through ``standardize``
-        preprocess = next((a.standardize for a in state.algorithms if hasattr(a, "standardize")), None)
         device = next(state.model.parameters()).device
-        result = self.measure(state.model, device, preprocess)
+        result = self.measure(state.model, device)
         self.history.append((label, result))
         logger.log_metrics({f"knn/top1@{k}": v for k, v in result.items()})
 

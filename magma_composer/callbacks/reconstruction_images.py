@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from composer.core import Callback, State, Time, TimeUnit
+from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 from PIL import Image
 
-from magma_composer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from magma_composer.callbacks.interval import parse_interval
+from magma_composer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS
+from magma_composer.options import check_choice, check_int
 
 __all__ = ["ReconstructionImages", "save_grid"]
 
@@ -45,8 +47,8 @@ def to_pixels(images: torch.Tensor, normalize: str) -> torch.Tensor:
 class ReconstructionImages(Callback):
     """Writes a PNG of originals, masked inputs and reconstructions of fixed test images.
 
-    With :class:`~magma_composer.algorithms.pca_masking.PCAMasking` in the trainer, the rows are those
-    the algorithm's ``reconstruction_panels`` gives (original, visible-component input, prediction).
+    The rows are the model's ``reconstruction_panels`` (``ComposerMAE``: original, masked input, reconstruction;
+    with PCA masking: original, visible-component input, prediction).
 
     Args:
         test_loader: ``(images, labels)`` batches; the first ``num_images`` images are used throughout.
@@ -66,14 +68,12 @@ class ReconstructionImages(Callback):
         normalize: str = "imagenet",
         seed: int = 0,
     ) -> None:
-        if num_images < 1:
-            raise ValueError(f"reconstruction_images.num_images must be positive, got {num_images}")
         self.test_loader = test_loader
         self.folder = folder
-        self.num_images = num_images
-        self.interval = None if interval in (0, "0", None) else Time.from_input(interval, TimeUnit.EPOCH)
-        self.normalize = normalize
-        self.seed = seed
+        self.num_images = check_int("num_images", num_images, 1)
+        self.interval = parse_interval(interval)
+        self.normalize = check_choice("normalize", normalize, NORMALIZATIONS)
+        self.seed = check_int("seed", seed, 0)
         self._images: torch.Tensor | None = None
         #: paths written so far
         self.paths: list[Path] = []
@@ -103,18 +103,9 @@ class ReconstructionImages(Callback):
         was_training = model.training
         model.eval()
         try:
-            panels_fn = next(
-                (a.reconstruction_panels for a in state.algorithms if hasattr(a, "reconstruction_panels")), None
-            )
-            if panels_fn is not None:
-                rows = panels_fn(model, images)
-            else:
-                masked, recon = model.reconstruct(images, seed=self.seed)
-                rows = [
-                    ("original", to_pixels(images, self.normalize)),
-                    ("masked input", to_pixels(masked, self.normalize)),
-                    ("reconstruction", to_pixels(recon, self.normalize)),
-                ]
+            rows = [
+                (title, to_pixels(x, self.normalize)) for title, x in model.reconstruction_panels(images, self.seed)
+            ]
         finally:
             model.train(was_training)
         folder = Path(self.folder.format(run_name=state.run_name))

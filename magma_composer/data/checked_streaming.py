@@ -37,6 +37,7 @@ from streaming.base.format.mds.reader import MDSReader
 from streaming.base.storage.download import S3Downloader
 
 from magma_composer.data.storage import check_remote, explain_s3_error, join_url
+from magma_composer.options import check_choice, check_int, check_number
 
 __all__ = ["CheckedStreamingDataset", "StreamingDataError"]
 
@@ -216,10 +217,19 @@ class CheckedStreamingDataset(StreamingDataset):
         shard_deadline: float | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(download_threads, int) or download_threads < 1:
-            raise ValueError(f"download_threads must be a positive int, got {download_threads!r}")
-        if shard_deadline is not None and not shard_deadline > 0:
-            raise ValueError(f"shard_deadline must be a positive number of seconds, got {shard_deadline!r}")
+        check_int("download_threads", download_threads, 1)
+        if shard_deadline is not None:
+            check_number("shard_deadline", shard_deadline, 0.0, open_min=True)
+        # streaming's own options that it would accept and then misuse
+        if "download_timeout" in kwargs:
+            check_number("download_timeout", kwargs["download_timeout"], 0.0, open_min=True)
+        for key in ("download_retry", "predownload", "num_canonical_nodes", "batch_size", "shuffle_block_size"):
+            if kwargs.get(key) is not None:
+                check_int(key, kwargs[key], 0 if key in ("download_retry", "predownload") else 1)
+        if validate_hash not in (None, "auto"):
+            from streaming.base.hashing import get_hashes
+
+            check_choice("validate_hash", validate_hash, ("auto", None, *sorted(get_hashes())))
         if kwargs.get("streams") is None:
             remote, local, split = kwargs.get("remote"), kwargs.get("local"), kwargs.get("split")
             summary = check_remote(remote if remote is not None else local, split)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import tempfile
+import urllib.parse
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import get_worker_info
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from magma_composer.data.checked_streaming import CheckedStreamingDataset
+from magma_composer.data.storage import is_remote
 from magma_composer.data.transforms import eval_transform, train_transform
+from magma_composer.options import OptionError, check_int
+from magma_composer.seeding import derive_seed
 
-__all__ = ["StreamingImageDataset", "decode_image"]
+__all__ = ["StreamingImageDataset", "decode_image", "default_cache_folder"]
 
 
 def decode_image(data: Any) -> Image.Image:
@@ -23,6 +30,12 @@ def decode_image(data: Any) -> Image.Image:
         image.load()
         return image
     return image.convert("RGB")
+
+
+def default_cache_folder(remote: str, split: str | None, tag: str = "") -> str:
+    """A local cache folder for a remote data set, unique per remote, split and ``tag``."""
+    digest = hashlib.sha1(f"{remote}|{split}|{tag}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "magma_composer_cache", digest)
 
 
 class StreamingImageDataset(CheckedStreamingDataset):
@@ -36,66 +49,90 @@ class StreamingImageDataset(CheckedStreamingDataset):
     silently short epoch.
 
     Args:
-        remote (str, optional): where the shards live: a local folder or a URI (``s3://bucket/prefix``;
-            set ``S3_ENDPOINT_URL`` for S3-compatible stores).
-        local (str, optional): the local cache folder; must be unique per data set on a node.
-        split (str, optional): a sub-folder of ``remote`` / ``local`` (``'train'``, ``'val'``).
+        remote (str): where the shards live: a local folder (read in place) or a URI (``s3://bucket/prefix``; set
+            ``S3_ENDPOINT_URL`` for S3-compatible stores).
+        local (str, optional): the local cache folder of a URI ``remote``; must be unique per data set on a node.
+            Default: a folder under the temporary directory, unique per remote, split and ``cache_tag``.
+        split (str, optional): a sub-folder of ``remote`` (``'train'``, ``'val'``).
         image_size (int): output side in pixels.
         train (bool): MAE training augmentation (``True``) or the evaluation transform.
-        crop_scale (Sequence[float]): RandomResizedCrop scale range for training.
-        hflip (bool): random horizontal flip for training.
-        normalize (str): ``'imagenet'`` or ``'none'`` (pixels in [0, 1]).
-        resize_ratio (float): evaluation resize, see :func:`~magma_composer.data.transforms.eval_transform`.
-        transform (Callable, optional): replaces the transform above entirely.
+        crop_scale (Sequence[float], optional): training: RandomResizedCrop scale range ``[lo, hi]``, ``0 < lo <= hi
+            <= 1``. Default ``(0.2, 1.0)``.
+        hflip (bool, optional): training: random horizontal flip. Default ``True``.
+        normalize (str): ``'imagenet'`` or ``'none'`` (pixels in [0, 1], for PCA masking).
+        resize_ratio (float, optional): evaluation: resize to ``image_size / resize_ratio``, then centre crop
+            (ImageNet: 0.875). Default ``1.0``.
+        max_samples (int, optional): an epoch of this many samples (streaming's ``epoch_size``), for subset runs.
+        shuffle (bool): shuffle (seeded by ``shuffle_seed``). Default ``True``: capped kNN sets and pictures then
+            span the classes.
         augment_seed (int, optional): training augmentations are drawn from a generator seeded by
             ``(augment_seed, epoch, sample index)``, not from the global RNG, so that they are the same in any
             loader worker and after a resumption from a checkpoint. Default: the shuffle seed.
-        **streaming_kwargs: passed to :class:`streaming.StreamingDataset` (``shuffle``, ``batch_size``,
-            ``validate_hash``, ``predownload``, ``cache_limit``, ``num_canonical_nodes``, ``shuffle_algo``, ...).
+        transform (Callable, optional): replaces the transform above entirely.
+        cache_tag (str): tells apart the default cache folders of two data sets on the same remote and split.
+        **streaming_kwargs: passed to :class:`CheckedStreamingDataset` and :class:`streaming.StreamingDataset`
+            (``batch_size``, ``shuffle_seed``, ``validate_hash``, ``predownload``, ``cache_limit``, ...).
     """
 
     def __init__(
         self,
-        remote: str | None = None,
+        remote: str,
         local: str | None = None,
         split: str | None = None,
         image_size: int = 224,
         train: bool = True,
-        crop_scale: Sequence[float] = (0.2, 1.0),
-        hflip: bool = True,
+        crop_scale: Sequence[float] | None = None,
+        hflip: bool | None = None,
         normalize: str = "imagenet",
-        resize_ratio: float = 1.0,
-        transform: Callable | None = None,
+        resize_ratio: float | None = None,
+        max_samples: int | None = None,
+        shuffle: bool = True,
         augment_seed: int | None = None,
+        transform: Callable | None = None,
+        cache_tag: str = "",
         **streaming_kwargs: Any,
     ) -> None:
-        if remote is None and local is None:
-            raise ValueError("StreamingImageDataset needs `remote` (a folder or URI) or `local` (a folder)")
-        super().__init__(remote=remote, local=local, split=split, **streaming_kwargs)
+        # options of the other kind of transform would be silently unused
+        unused = ("resize_ratio",) if train else ("crop_scale", "hflip")
+        for key, value in zip(("crop_scale", "hflip", "resize_ratio"), (crop_scale, hflip, resize_ratio)):
+            if key in unused and value is not None:
+                kind = "evaluation" if train else "training"
+                raise OptionError(key, f"applies to {kind} data only; this data set has the other transform")
+        if max_samples is not None:
+            check_int("max_samples", max_samples, 1)
+            streaming_kwargs["epoch_size"] = max_samples
+        if not isinstance(remote, str) or not remote:
+            raise OptionError("remote", f"expected a local folder or a URI such as s3://bucket/prefix, got {remote!r}")
+        if is_remote(remote):
+            if not urllib.parse.urlparse(remote).netloc:
+                raise OptionError("remote", f"{remote!r} names no bucket; write scheme://bucket/prefix")
+            local = local or default_cache_folder(remote, split, cache_tag)
+        elif local is None:  # a local folder is read in place
+            remote, local = None, remote
+        super().__init__(remote=remote, local=local, split=split, shuffle=shuffle, **streaming_kwargs)
         if transform is None:
             transform = (
-                train_transform(image_size, crop_scale, hflip, normalize)
+                train_transform(image_size, crop_scale or (0.2, 1.0), True if hflip is None else hflip, normalize)
                 if train
-                else eval_transform(image_size, normalize, resize_ratio)
+                else eval_transform(image_size, normalize, 1.0 if resize_ratio is None else resize_ratio)
             )
         self.transform = transform
         self.image_size = image_size
         self.train = train
+        #: the pixel normalisation of the images this data set yields (``'imagenet'`` or ``'none'``)
+        self.normalize = normalize
         self.augment_seed = int(self.shuffle_seed if augment_seed is None else augment_seed)
 
     def _sample_seed(self, index: int) -> int:
         epoch = max(0, int(getattr(self, "next_epoch", 1)) - 1)  # streaming sets next_epoch when an epoch starts
-        return (((self.augment_seed * 1_000_003) + epoch) * 2_147_483_647 + int(index)) % (1 << 63)
+        return derive_seed(self.augment_seed, epoch, index)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         sample = super().__getitem__(index)
         image = decode_image(sample["x"])
         if not self.train:
             return self.transform(image), int(sample["y"])
-        # torchvision's random transforms draw from torch's global CPU generator: give them a per-sample seed.
-        # Only the CPU generator is seeded: torch.manual_seed would also queue a lazy CUDA seeding, which records a
-        # stack trace each time (about a fifth of the per-image cost of a 32 px loader worker). In a loader worker the
-        # global generator serves the transforms alone, so it is not restored; in the main process it is.
+        # torchvision draws from the global CPU generator; seeding only it avoids torch.manual_seed's lazy CUDA seed
         keep_global_rng = torch.random.fork_rng(devices=[]) if get_worker_info() is None else nullcontext()
         with keep_global_rng:
             torch.default_generator.manual_seed(self._sample_seed(index))

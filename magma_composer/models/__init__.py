@@ -2,6 +2,7 @@
 
 from magma_composer.models.mae import (
     ComposerMAE,
+    InputTransform,
     MaskedAutoencoder,
     masked_mse_loss,
     patchify,
@@ -12,6 +13,7 @@ from magma_composer.models.taps import FeatureTap, find_vit, get_feature_tap
 
 __all__ = [
     "ComposerMAE",
+    "InputTransform",
     "MaskedAutoencoder",
     "FeatureTap",
     "find_vit",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import timm
 import torch
@@ -12,8 +12,18 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from magma_composer.models.pos_embed import sincos_2d
+from magma_composer.options import OptionError, check_int, check_number
+from magma_composer.seeding import seeded_generator
 
-__all__ = ["ComposerMAE", "MaskedAutoencoder", "random_masking", "patchify", "unpatchify", "masked_mse_loss"]
+__all__ = [
+    "ComposerMAE",
+    "InputTransform",
+    "MaskedAutoencoder",
+    "random_masking",
+    "patchify",
+    "unpatchify",
+    "masked_mse_loss",
+]
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -81,22 +91,45 @@ def masked_mse_loss(
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+_ENCODER_SIZES = {"embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": float, "qkv_bias": bool}
+
+
 def _build_encoder(
     encoder: Union[str, dict[str, Any]], img_size: int, patch_size: int, in_chans: int
 ) -> VisionTransformer:
     common = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, global_pool="token")
     if isinstance(encoder, str):
-        vit = timm.create_model(encoder, pretrained=False, **common)
+        if encoder not in timm.list_models():
+            vits = ", ".join(timm.list_models("vit_*_patch16_224")[:6])
+            raise OptionError("encoder", f"{encoder!r} is not a timm model name; timm ViTs are e.g. {vits}")
+        try:
+            vit = timm.create_model(encoder, pretrained=False, **common)
+        except TypeError:  # a non-ViT architecture refuses the ViT arguments
+            raise OptionError(
+                "encoder", f"{encoder!r} is not a timm VisionTransformer (e.g. vit_base_patch16_224)"
+            ) from None
     elif isinstance(encoder, dict):
-        allowed = {"embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias"}
-        unknown = set(encoder) - allowed
-        if unknown:
-            raise ValueError(f"model.encoder: unknown keys {sorted(unknown)}; valid keys are {sorted(allowed)}")
+        for key, value in encoder.items():
+            if key not in _ENCODER_SIZES:
+                raise OptionError(f"encoder.{key}", f"unknown key; valid keys are {', '.join(_ENCODER_SIZES)}")
+            if _ENCODER_SIZES[key] is bool and not isinstance(value, bool):
+                raise OptionError(f"encoder.{key}", f"expected true or false, got {value!r}")
+            if _ENCODER_SIZES[key] is float:
+                check_number(f"encoder.{key}", value, 0.0, open_min=True)
+            elif _ENCODER_SIZES[key] is int:
+                check_int(f"encoder.{key}", value, 1)
+        for key in ("embed_dim", "depth", "num_heads"):
+            if key not in encoder:
+                raise OptionError(f"encoder.{key}", "missing (give embed_dim, depth and num_heads, or a timm name)")
+        if encoder["embed_dim"] % 4:
+            raise OptionError("encoder.embed_dim", "must be divisible by 4 (2-D sin-cos position embeddings)")
+        if encoder["embed_dim"] % encoder["num_heads"]:
+            raise OptionError("encoder.num_heads", f"must divide embed_dim ({encoder['embed_dim']})")
         vit = VisionTransformer(**common, **encoder)
     else:
-        raise TypeError(f"model.encoder must be a timm model name or a dict of sizes, got {type(encoder).__name__}")
+        raise OptionError("encoder", f"expected a timm ViT name or a mapping of sizes, got {type(encoder).__name__}")
     if not isinstance(vit, VisionTransformer):
-        raise ValueError(f"model.encoder={encoder!r} is not a timm VisionTransformer ({type(vit).__name__})")
+        raise OptionError("encoder", f"{encoder!r} is a {type(vit).__name__}, not a timm VisionTransformer")
     return vit
 
 
@@ -127,6 +160,22 @@ class MaskedAutoencoder(nn.Module):
         mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
+        check_int("img_size", img_size, 1)
+        check_int("patch_size", patch_size, 1, img_size)
+        check_int("in_chans", in_chans, 1)
+        if img_size % patch_size:
+            raise OptionError("patch_size", f"{patch_size} does not divide img_size {img_size}")
+        for key, value in (
+            ("decoder_dim", decoder_dim),
+            ("decoder_depth", decoder_depth),
+            ("decoder_heads", decoder_heads),
+        ):
+            check_int(key, value, 1)
+        if decoder_dim % 4:
+            raise OptionError("decoder_dim", "must be divisible by 4 (2-D sin-cos position embeddings)")
+        if decoder_dim % decoder_heads:
+            raise OptionError("decoder_heads", f"{decoder_heads} does not divide decoder_dim {decoder_dim}")
+        check_number("mlp_ratio", mlp_ratio, 0.0, open_min=True)
         self.encoder = _build_encoder(encoder, img_size, patch_size, in_chans)
         self.patch_size = patch_size
         self.in_chans = in_chans
@@ -134,7 +183,7 @@ class MaskedAutoencoder(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.num_prefix_tokens = self.encoder.num_prefix_tokens
         if self.num_prefix_tokens != 1 or self.encoder.cls_token is None:
-            raise ValueError("the MAE encoder needs exactly one prefix token (the CLS token, no register tokens)")
+            raise OptionError("encoder", "the MAE needs exactly one prefix token (the CLS token, no register tokens)")
         embed_dim = self.encoder.embed_dim
 
         # fixed sin-cos position embeddings for encoder (CLS row zero) and decoder
@@ -225,6 +274,20 @@ class MaskedAutoencoder(nn.Module):
         return {"pred": pred, "mask": mask, "cls": latent[:, 0]}
 
 
+class InputTransform(Protocol):
+    """What an algorithm that feeds the model its own input (PCA masking) tells :meth:`ComposerMAE.use_input_transform`.
+
+    Training batches are rewritten by the algorithm itself; this says how every other image (evaluation, features,
+    pictures) becomes the model's input, and how to draw the algorithm's own reconstruction pictures.
+    """
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the data set yields them -> the model's input (same shape)."""
+
+    def reconstruction_panels(self, model: ComposerMAE, images: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Titled rows of pictures for ``images`` (data set images), in the data set's value range."""
+
+
 class ComposerMAE(ComposerModel):
     """A masked autoencoder (docs/algorithms.md §0) as a Composer model.
 
@@ -234,15 +297,19 @@ class ComposerMAE(ComposerModel):
     block features through :func:`magma_composer.models.get_feature_tap`, which works on this model and
     on any other model holding a timm ViT.
 
+    Images from outside the training loop (kNN features, pictures, evaluation) go through
+    :meth:`prepare_images`; an algorithm that replaces patch masking with its own input says so with
+    :meth:`use_input_transform`.
+
     Args:
         encoder (str | dict): timm ViT name or explicit sizes, see :class:`MaskedAutoencoder`.
         img_size (int): image side in pixels.
-        patch_size (int): patch side in pixels.
+        patch_size (int): patch side in pixels; divides ``img_size``.
         mask_ratio (float): fraction of patches dropped per sample, in ``[0, 1)``.
         norm_pix_loss (bool): normalise each target patch by its mean and variance.
         decoder_dim (int): decoder width.
         decoder_depth (int): decoder blocks.
-        decoder_heads (int): decoder heads.
+        decoder_heads (int): decoder heads; divides ``decoder_dim``.
         in_chans (int): image channels.
         mask_seed (int, optional): the training masks come from a generator seeded by
             ``(mask_seed, global rank, training forward count)``, not from the global RNG; the count is saved
@@ -272,8 +339,9 @@ class ComposerMAE(ComposerModel):
         mask_seed: int | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        check_number("mask_ratio", mask_ratio, 0.0, 1.0, open_max=True)
+        if mask_seed is not None:
+            check_int("mask_seed", mask_seed, 0)
         self.net = MaskedAutoencoder(
             encoder=encoder,
             img_size=img_size,
@@ -287,12 +355,41 @@ class ComposerMAE(ComposerModel):
         self.patch_size = patch_size
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        # PCA masking switches patch dropping and the pixel loss off and supplies its own loss.
-        self.patch_masking = True
-        self.pixel_loss = True
+        self._input_transform: InputTransform | None = None
         self.val_metrics = {"ReconstructionMSE": MeanMetric()}
         self.mask_seed = int(torch.randint(0, 2**62, ()).item()) if mask_seed is None else int(mask_seed)
         self._mask_step = 0
+
+    # ------------------------------------------------------------------ input
+    def use_input_transform(self, transform: InputTransform) -> None:
+        """Feeds the model whole images that an algorithm prepares, instead of dropping patches.
+
+        From now on the training forward drops no patch and ``loss()`` adds no pixel loss (the algorithm adds its
+        own), the mask token (then unused) is frozen so that DDP and checkpoint loading see no parameter without a
+        gradient, and :meth:`prepare_images` applies ``transform.prepare``.
+        """
+        self._input_transform = transform
+        self.net.mask_token.requires_grad_(False)
+
+    @property
+    def drops_patches(self) -> bool:
+        """Whether the training forward drops patches (false once an input transform is in use)."""
+        return self._input_transform is None
+
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the data set yields them -> this model's input. Callbacks call this before the model."""
+        return images if self._input_transform is None else self._input_transform.prepare(images)
+
+    def reconstruction_panels(self, images: torch.Tensor, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+        """Titled rows of pictures for data-set ``images``, in the data set's value range.
+
+        Patch masking: the images, the masked input and the reconstruction (visible patches pasted from the
+        input); with an input transform, its own panels.
+        """
+        if self._input_transform is not None:
+            return self._input_transform.reconstruction_panels(self, images)
+        masked, recon = self.reconstruct(images, seed=seed)
+        return [("original", images), ("masked input", masked), ("reconstruction", recon)]
 
     def get_extra_state(self) -> dict[str, int]:
         """The mask generator's seed and position, saved with the weights."""
@@ -304,9 +401,7 @@ class ComposerMAE(ComposerModel):
     def _mask_generator(self, device: torch.device) -> torch.Generator:
         from composer.utils import dist
 
-        generator = torch.Generator(device=device)
-        mixed = self.mask_seed * 1_000_003 + dist.get_global_rank() * 7_919 + self._mask_step
-        generator.manual_seed(mixed % (1 << 63))
+        generator = seeded_generator(self.mask_seed, dist.get_global_rank(), self._mask_step, device=device)
         self._mask_step += 1
         return generator
 
@@ -327,12 +422,12 @@ class ComposerMAE(ComposerModel):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         images = self._images(batch)
-        ratio = self.mask_ratio if self.patch_masking else 0.0
+        ratio = self.mask_ratio if self.drops_patches else 0.0
         generator = self._mask_generator(images.device) if ratio > 0 and self.training else None
         return self.net(images, ratio, generator)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> dict[str, torch.Tensor]:
-        if not self.pixel_loss:
+        if not self.drops_patches:  # the input transform's algorithm adds its own loss
             return {}
         target = patchify(self._images(batch), self.patch_size)
         return {"mae": masked_mse_loss(outputs["pred"], target, outputs["mask"], self.norm_pix_loss)}
@@ -340,27 +435,29 @@ class ComposerMAE(ComposerModel):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """CLS token after the final LayerNorm on whole, unmasked images (``B x D``)."""
-        latent, _, _ = self.net.encode(images, 0.0)
+        """CLS token after the final LayerNorm on whole, unmasked data-set images (``B x D``)."""
+        latent, _, _ = self.net.encode(self.prepare_images(images), 0.0)
         return latent[:, 0]
 
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, torch.Tensor]:
         if outputs is not None:
             return outputs
-        images = self._images(batch)
+        images = self.prepare_images(self._images(batch))
         # a fixed-seed mask so that the reconstruction metric is comparable between evaluations
         generator = torch.Generator(device=images.device)
         generator.manual_seed(0)
         ratio = self.mask_ratio if self.mask_ratio > 0 else 0.75
         out = self.net(images, ratio, generator)
-        out["features"] = self.extract_features(images)
+        latent, _, _ = self.net.encode(images, 0.0)
+        out["features"] = latent[:, 0]
+        out["input"] = images
         return out
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return {} if is_train else self.val_metrics
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        target = patchify(self._images(batch), self.patch_size)
+        target = patchify(outputs["input"], self.patch_size)
         metric.update(masked_mse_loss(outputs["pred"], target, outputs["mask"], self.norm_pix_loss))
 
     def reconstruct(

@@ -12,9 +12,11 @@ from typing import Any, NamedTuple, Union
 
 import torch
 
-from magma_composer.algorithms.tap_regularizer import TapRegularizer
+from magma_composer.algorithms.feature_checks import check_feature_dtype, require_within_range, within_range
+from magma_composer.algorithms.tap_regularizer import TapRegularizer, TermRecord
 from magma_composer.distributed import all_gather_with_grad
 from magma_composer.models.taps import FeatureTap
+from magma_composer.options import OptionError, check_int, check_number
 from magma_composer.schedules import WeightSchedule
 
 __all__ = ["MAGMA", "MagmaStats", "magma_loss"]
@@ -24,8 +26,9 @@ class MagmaStats(NamedTuple):
     """Diagnostics of one :func:`magma_loss` evaluation (detached scalar tensors).
 
     Attributes:
-        valid: False where the term was skipped (fewer than 3 samples, or every pairwise distance of the
-            reference features 0, or a data-derived ``gamma`` of 0): the loss is then 0 with no gradient.
+        valid: False where the term was skipped (fewer than 3 samples; every pairwise distance of the
+            reference features 0; a data-derived ``gamma`` of 0; or, with ``check_finite=False``, NaN,
+            infinite or overflowing features): the loss is then 0 with a zero gradient.
         gamma: the RBF bandwidth used (0 where skipped).
         mean_affinity: the mean of ``W`` over the ``B * (B - 1)`` off-diagonal pairs (0 where skipped).
     """
@@ -46,6 +49,19 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _magma_limits(dtype: torch.dtype, b: int, d_x: int, d_y: int, eps: float) -> tuple[float, float]:
+    """The largest ``|x|`` and ``|y|`` for which no intermediate of :func:`magma_loss` can overflow ``dtype``.
+
+    ``D2 <= 16 D_x max|x|^2`` and the mean of ``D2`` sums ``B^2`` of them; ``|(L Y)_ij| <= (1 + B) max|y|``
+    (``s_i W_ij s_j <= 1``) and the term sums ``B D_y`` products; ``s * Y <= max|y| / sqrt(eps)``. A factor 4
+    of headroom covers rounding.
+    """
+    big = torch.finfo(dtype).max
+    limit_x = math.sqrt(big / (64.0 * max(d_x, 1) * b * b))
+    limit_y = min(math.sqrt(big / (16.0 * b * max(d_y, 1) * (b + 1))), big * math.sqrt(eps) / 4.0)
+    return limit_x, limit_y
+
+
 def magma_loss(
     reference: torch.Tensor,
     target: torch.Tensor,
@@ -54,6 +70,7 @@ def magma_loss(
     eps: float = 1e-4,
     gamma: float | None = None,
     return_stats: bool = False,
+    check_finite: bool = True,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, MagmaStats]]:
     """The MAGMA regulariser ``R(X, Y) = trace(Y^T L Y) / B^2`` of docs/algorithms.md §1.
 
@@ -65,25 +82,41 @@ def magma_loss(
     float64 inputs) with autocast disabled. Gradients reach ``Y``, and ``X`` through ``W`` and ``gamma``.
 
     Degenerate input (``B < 3``; every ``D2`` entry 0; a data-derived ``gamma`` of 0) makes the term
-    undefined: it is then skipped, i.e. the result is a zero that carries no gradient, and
-    ``stats.valid`` is false. The check needs no device synchronisation.
+    undefined: it is then skipped, i.e. the result is a zero whose gradient is zero, and ``stats.valid``
+    is false. The check needs no device synchronisation.
+
+    Non-finite features (NaN or inf in ``reference`` or ``target``), and features so large that the term
+    would overflow the compute dtype (beyond about ``1e13`` in float32 for ViT-B-sized batches), are a
+    ``ValueError`` naming the input when ``check_finite`` is true (the default; it costs one device
+    synchronisation). With ``check_finite=False``, the setting for a training step, they make the term
+    skipped like degenerate input, without any synchronisation: value 0, ``valid`` false and gradients that
+    are exactly zero (the features are replaced by zeros before any arithmetic, so no NaN reaches backward).
 
     Args:
-        reference (torch.Tensor): ``B x D_x`` reference-layer features ``X``.
-        target (torch.Tensor): ``B x D_y`` target-layer features ``Y``.
+        reference (torch.Tensor): ``B x D_x`` reference-layer features ``X``, floating point.
+        target (torch.Tensor): ``B x D_y`` target-layer features ``Y``, floating point.
         rbf_scale (float): multiplies ``D2 / gamma`` inside the exponential. Default: ``1.0``.
         eps (float): added to the degree inside the square root, ``> 0``. Default: ``1e-4``.
         gamma (float, optional): a fixed RBF bandwidth ``> 0``; by default it is derived from the batch.
         return_stats (bool): also return :class:`MagmaStats`.
+        check_finite (bool): raise on non-finite or overflowing features (one device synchronisation);
+            ``False`` skips the term instead, with no synchronisation. Default: ``True``.
 
     Returns:
         torch.Tensor | tuple[torch.Tensor, MagmaStats]: the scalar term (and its diagnostics).
+
+    Raises:
+        TypeError: a feature tensor is not floating point (integer, bool or complex).
+        ValueError: the shapes do not match, an option is out of range, or (``check_finite``) a feature
+            tensor holds NaN, inf or overflowing values.
 
     Example:
         >>> x, y = torch.randn(256, 768), torch.randn(256, 768, requires_grad=True)
         >>> loss = magma_loss(x, y)
         >>> loss.backward()
     """
+    check_feature_dtype("magma_loss", "reference", reference)
+    check_feature_dtype("magma_loss", "target", target)
     if reference.dim() != 2 or target.dim() != 2 or reference.shape[0] != target.shape[0]:
         raise ValueError(
             f"magma_loss needs B x D reference and target features with the same B, got {tuple(reference.shape)} "
@@ -96,37 +129,47 @@ def magma_loss(
     dtype = _compute_dtype(reference, target)
     device = target.device
     b = target.shape[0]
-    if b < 3:
-        zero = torch.zeros((), dtype=dtype, device=device)
-        out = zero
-        stats = MagmaStats(torch.zeros((), dtype=torch.bool, device=device), zero, zero)
-        return (out, stats) if return_stats else out
+    limit_x, limit_y = _magma_limits(dtype, max(b, 1), reference.shape[1], target.shape[1], eps)
 
     with torch.autocast(device_type=device.type, enabled=False):
         x = reference.to(dtype)
         y = target.to(dtype)
+        if check_finite:
+            require_within_range("magma_loss", "reference", x, limit_x)
+            require_within_range("magma_loss", "target", y, limit_y)
+        zero = torch.zeros((), dtype=dtype, device=device)
+        if b < 3:
+            stats = MagmaStats(torch.zeros((), dtype=torch.bool, device=device), zero, zero)
+            return (zero, stats) if return_stats else zero
+        # zeros in place of unusable features: the term below is then finite and its gradient exactly zero
+        usable = within_range(x, limit_x) & within_range(y, limit_y)
+        x = torch.where(usable, x, zero)
+        y = torch.where(usable, y, zero)
         # pairwise squared distances from the Gram matrix of the centred features (translation-invariant,
         # and centring keeps the cancellation in sq_i + sq_j - 2 <x_i, x_j> small)
         xc = x - x.mean(dim=0, keepdim=True)
         sq = (xc * xc).sum(dim=1)
         d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (xc @ xc.T)).clamp_min(0.0)
         off_diagonal = ~torch.eye(b, dtype=torch.bool, device=device)
-        zero = torch.zeros((), dtype=dtype, device=device)
         d2 = torch.where(off_diagonal, d2, zero)
 
+        big = torch.finfo(dtype).max
         if gamma is None:
             nonzero = d2 > 0  # the diagonal is exactly 0, so this is off-diagonal too
             n = nonzero.sum()
-            mean = (d2 * nonzero).sum() / n.clamp_min(1)
-            var = (((d2 - mean) * nonzero) ** 2).sum() / (n - 1).clamp_min(1)
-            valid = (n >= 2) & (var > 0)
+            # the spread of D2 / max(D2), scaled back: squaring D2 itself could overflow
+            top = d2.detach().amax().clamp_min(torch.finfo(dtype).tiny)
+            scaled = d2 / top
+            mean = (scaled * nonzero).sum() / n.clamp_min(1)
+            var = (((scaled - mean) * nonzero) ** 2).sum() / (n - 1).clamp_min(1)
+            valid = usable & (n >= 2) & (var > 0)
             # a safe value where invalid, so that neither the value nor the gradient can become NaN
-            gamma_t = torch.sqrt(torch.where(valid, var, torch.ones_like(var)))
-            w = torch.exp(d2 * (-rbf_scale / gamma_t))
+            gamma_t = top * torch.sqrt(torch.where(valid, var, torch.ones_like(var)))
         else:
-            valid = torch.ones((), dtype=torch.bool, device=device)
+            valid = usable
             gamma_t = torch.full((), gamma, dtype=dtype, device=device)
-            w = torch.exp(d2 * (-rbf_scale / gamma))
+        # finite even for a tiny gamma: D2 = 0 times an infinite factor would be NaN
+        w = torch.exp(d2 * (-rbf_scale / gamma_t).clamp_min(-big))
         w = torch.where(off_diagonal, w, zero)
         s = torch.rsqrt(w.sum(dim=1) + eps).unsqueeze(1)
         ly = y - s * (w @ (s * y))  # L Y, with B x D products only
@@ -186,7 +229,6 @@ class MAGMA(TapRegularizer):
     """
 
     key = "magma"
-    stat_names = ("gamma", "mean_affinity", "target_norm")
 
     def __init__(
         self,
@@ -202,21 +244,18 @@ class MAGMA(TapRegularizer):
         if isinstance(reference_layers, int) and not isinstance(reference_layers, bool):
             reference_layers = [reference_layers]
         if isinstance(reference_layers, (str, bytes)) or not isinstance(reference_layers, Sequence):
-            raise TypeError(f"reference_layers must be a list of block indices, got {reference_layers!r}")
+            raise OptionError("reference_layers", f"expected a list of block indices, got {reference_layers!r}")
         reference_layers = list(reference_layers)
         if not reference_layers:
-            raise ValueError("reference_layers must name at least one block")
-        for index in reference_layers + [target_layer]:
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError(
-                    f"reference_layers and target_layer must be int block indices, got {index!r} "
-                    f"({type(index).__name__})"
-                )
+            raise OptionError("reference_layers", "must name at least one block (e.g. [10])")
+        for i, index in enumerate(reference_layers):
+            check_int(f"reference_layers[{i}]", index)
+        check_int("target_layer", target_layer)
         self.reference_layers = reference_layers
         self.target_layer = target_layer
-        self.rbf_scale = _check_positive(rbf_scale, "rbf_scale")
-        self.eps = _check_positive(eps, "eps")
-        self.gamma = None if gamma is None else _check_positive(gamma, "gamma")
+        self.rbf_scale = check_number("rbf_scale", rbf_scale, 0.0, open_min=True)
+        self.eps = check_number("eps", eps, 0.0, open_min=True)
+        self.gamma = None if gamma is None else check_number("gamma", gamma, 0.0, open_min=True)
         self._reference_blocks: list[int] = []
         self._target_block = -1
 
@@ -234,7 +273,7 @@ class MAGMA(TapRegularizer):
         tap.request_blocks(refs + [target])
         self._reference_blocks, self._target_block = refs, target
 
-    def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, TermRecord]:
         references = [tap.block_features(i) for i in self._reference_blocks]
         targets = tap.block_features(self._target_block)
         if any(len(r) != len(targets) for r in references):
@@ -256,17 +295,9 @@ class MAGMA(TapRegularizer):
                 valids.append(stats.valid)
                 gammas.append(stats.gamma)
                 affinities.append(stats.mean_affinity)
-            norms.append(y.detach().float().norm(dim=1).mean())
-        term, denominator, head = self._average_valid(values, valids)
-        record = torch.stack(
-            head
-            + [
-                torch.stack(gammas).float().sum() / denominator,
-                torch.stack(affinities).float().sum() / denominator,
-                torch.stack(norms).mean(),
-            ]
-        )
-        return term, record
+                norms.append(torch.where(stats.valid, y.detach().float().norm(dim=1).mean(), 0.0))
+        stats = {"gamma": gammas, "mean_affinity": affinities, "target_norm": norms}
+        return self._average_valid(values, valids, stats)
 
     def _skip_reason(self) -> str:
         return "it needs at least 3 samples whose reference features are not all identical"

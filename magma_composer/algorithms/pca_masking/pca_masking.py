@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Union
 
-import numpy as np
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
@@ -20,7 +19,9 @@ from composer.utils import dist
 from torch import nn
 
 from magma_composer.models.mae import ComposerMAE, unpatchify
+from magma_composer.options import OptionError, check_choice, check_int, check_number
 from magma_composer.pca.basis import PCABasis, load_basis
+from magma_composer.seeding import seeded_generator
 
 __all__ = [
     "PCAMasking",
@@ -68,8 +69,7 @@ def mask_generator(seed: int, *keys: int) -> torch.Generator:
 
     Masks drawn from it are a pure function of the step, so a resumed run draws the masks it would have drawn.
     """
-    state = np.random.SeedSequence([int(seed), *(int(k) for k in keys)]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return seeded_generator(seed, *keys)
 
 
 def sample_component_mask(
@@ -188,8 +188,9 @@ class PCAMasking(Algorithm):
     kept.
 
     Batches must hold pixels in [0, 1] (data set ``normalize: none``): the basis carries its own per-pixel
-    standardisation, which also becomes the model's input normalisation (evaluation batches are standardised at
-    ``EVAL_BEFORE_FORWARD``; see :meth:`standardize` for features computed outside the trainer).
+    standardisation, which also becomes the model's input normalisation: the algorithm is the model's
+    :class:`~magma_composer.models.InputTransform`, so evaluation, kNN features and pictures see the standardised
+    image through ``ComposerMAE.prepare_images``.
 
     Args:
         basis (str | PathLike | PCABasis): the basis file written by ``python -m magma_composer.pca fit`` (or a
@@ -219,25 +220,25 @@ class PCAMasking(Algorithm):
         residual: str = "drop",
         seed: int = 0,
     ) -> None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-            raise ValueError(f"PCAMasking ratio must be a number in (0, 1) (the masked variance), got {ratio!r}")
+        check_number("ratio", ratio, 0.0, 1.0, open_min=True, open_max=True)
         if ratio_range is not None:
             if len(ratio_range) != 2 or not 0.0 < ratio_range[0] <= ratio_range[1] < 1.0:
-                raise ValueError(f"PCAMasking ratio_range must be (lo, hi) with 0 < lo <= hi < 1, got {ratio_range!r}")
+                raise OptionError("ratio_range", f"must be [lo, hi] with 0 < lo <= hi < 1, got {list(ratio_range)}")
             ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
-        if residual not in RESIDUALS:
-            raise ValueError(f"PCAMasking residual={residual!r} is not valid; choose one of {RESIDUALS}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"PCAMasking seed must be an int >= 0, got {seed!r}")
+        check_choice("residual", residual, RESIDUALS)
+        check_int("seed", seed, 0)
         if not isinstance(basis, (str, os.PathLike, PCABasis)):
-            raise TypeError(f"PCAMasking basis must be a file path or a PCABasis, got {type(basis).__name__}")
+            raise OptionError("basis", f"expected a basis file path or a PCABasis, got {type(basis).__name__}")
         self.basis_source = basis
         self.ratio = float(ratio)
         self.ratio_range = ratio_range
         self.per_sample = bool(per_sample)
         self.residual = residual
         self.seed = seed
-        self.basis: PCABasis | None = None
+        try:  # a missing or corrupted basis fails here, when the algorithm is made, not at the first step
+            self.basis: PCABasis | None = load_basis(basis)
+        except (OSError, ValueError) as exc:
+            raise OptionError("basis", str(exc)) from exc
         self._model: ComposerMAE | None = None
         self._device: _OnDevice | None = None
         self._checked = {"train": False, "eval": False}
@@ -320,8 +321,6 @@ class PCAMasking(Algorithm):
             Event.BEFORE_TRAIN_BATCH,
             Event.BEFORE_FORWARD,
             Event.AFTER_LOSS,
-            Event.EVAL_BEFORE_FORWARD,
-            Event.PREDICT_BEFORE_FORWARD,
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -333,21 +332,21 @@ class PCAMasking(Algorithm):
             self._mask_batch(state)
         elif event == Event.AFTER_LOSS:
             self._add_loss(state, logger)
-        else:  # evaluation and prediction see the whole standardised image
-            images = state.batch_get_item(0)
-            self._check_images(images, "evaluation images")
-            self._check_pixels(images, "eval")
-            state.batch_set_item(0, self.standardize(images))
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's input for images outside training (evaluation, features, pictures): the standardised image.
+
+        Part of :class:`~magma_composer.models.InputTransform`: the model calls it from ``prepare_images``.
+        """
+        self._check_images(images, "evaluation images")
+        self._check_pixels(images, "eval")
+        return self.standardize(images)
 
     def _init(self, state: State) -> None:
         model = _find_mae(state.model)
         basis = self._load()
         basis.check_image_shape(model.img_size, model.net.in_chans, what=f"the model ({type(model).__name__})")
-        model.patch_masking = False
-        model.pixel_loss = False
-        # no patch is dropped, so the mask token gets no gradient: frozen, DDP need not look for unused
-        # parameters and checkpoints load (an optimizer holds no state for a parameter that never had a gradient)
-        model.net.mask_token.requires_grad_(False)
+        model.use_input_transform(self)
         self._model = model
 
     def _draw_mask(self, state: State, batch_size: int) -> torch.Tensor:

@@ -6,13 +6,15 @@ after it. The maths is docs/algorithms.md §2; the method card is ``README.md`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from magma_composer.algorithms.tap_regularizer import TapRegularizer
+from magma_composer.algorithms.feature_checks import check_feature_dtype, require_within_range, within_range
+from magma_composer.algorithms.tap_regularizer import TapRegularizer, TermRecord
 from magma_composer.distributed import all_gather_with_grad
 from magma_composer.models.taps import FeatureTap
 from magma_composer.schedules import WeightSchedule
@@ -24,8 +26,9 @@ class UniformityStats(NamedTuple):
     """Diagnostics of one :func:`uniformity_loss` evaluation (detached scalar tensors).
 
     Attributes:
-        valid: False only for an empty batch (the loss is then 0).
-        feature_norm: the mean L2 norm of the features before normalisation.
+        valid: False where the term was skipped (an empty batch, or, with ``check_finite=False``, NaN,
+            infinite or overflowing features): the loss is then 0 with a zero gradient.
+        feature_norm: the mean L2 norm of the features before normalisation (0 where skipped).
     """
 
     valid: torch.Tensor
@@ -33,44 +36,65 @@ class UniformityStats(NamedTuple):
 
 
 def uniformity_loss(
-    features: torch.Tensor, *, return_stats: bool = False
+    features: torch.Tensor, *, return_stats: bool = False, check_finite: bool = True
 ) -> Union[torch.Tensor, tuple[torch.Tensor, UniformityStats]]:
     """The U-MAE uniformity term: the mean over all ``B x B`` pairs (diagonal included) of ``(f̂_i · f̂_j)^2``.
 
     ``f̂ = f / ||f||``. The sum of squared cosines equals both ``||F̂ F̂^T||_F^2`` (a ``B x B`` Gram
     matrix) and ``||F̂^T F̂||_F^2`` (``D x D``); the smaller one is computed. Float32 (float64 for
-    float64 input), autocast disabled.
+    float64 input), autocast disabled. The maths is docs/algorithms.md §2.
+
+    Non-finite features (NaN or inf), and features so large that a norm would overflow the compute dtype,
+    are a ``ValueError`` when ``check_finite`` is true (the default; it costs one device synchronisation).
+    With ``check_finite=False``, the setting for a training step, the term is skipped instead, without any
+    synchronisation: value 0, ``valid`` false and a gradient that is exactly zero (the features are replaced
+    by zeros before any arithmetic). An empty batch is always skipped.
 
     Args:
-        features (torch.Tensor): ``B x D`` features, e.g. the CLS token after the encoder's final norm.
+        features (torch.Tensor): ``B x D`` floating-point features, e.g. the CLS token after the encoder's
+            final norm.
         return_stats (bool): also return :class:`UniformityStats`.
+        check_finite (bool): raise on non-finite or overflowing features (one device synchronisation);
+            ``False`` skips the term instead, with no synchronisation. Default: ``True``.
 
     Returns:
         torch.Tensor | tuple[torch.Tensor, UniformityStats]: the scalar term (and its diagnostics).
+
+    Raises:
+        TypeError: ``features`` is not floating point (integer, bool or complex).
+        ValueError: ``features`` is not ``B x D``, or (``check_finite``) holds NaN, inf or overflowing values.
 
     Example:
         >>> loss = uniformity_loss(torch.randn(256, 768, requires_grad=True))
         >>> loss.backward()
     """
+    check_feature_dtype("uniformity_loss", "features", features)
     if features.dim() != 2:
         raise ValueError(f"uniformity_loss needs B x D features, got shape {tuple(features.shape)}")
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     b, d = features.shape
     device = features.device
+    # ||f||^2 sums D squares; a factor 4 of headroom covers rounding
+    limit = math.sqrt(torch.finfo(dtype).max / (4.0 * max(d, 1)))
     with torch.autocast(device_type=device.type, enabled=False):
         f = features.to(dtype)
+        if check_finite:
+            require_within_range("uniformity_loss", "features", f, limit)
+        zero = torch.zeros((), dtype=dtype, device=device)
         if b == 0:
-            out = torch.zeros((), dtype=dtype, device=device)
-            stats = UniformityStats(torch.zeros((), dtype=torch.bool, device=device), out)
-        else:
-            unit = F.normalize(f, dim=1)
-            gram = unit @ unit.T if b <= d else unit.T @ unit
-            out = (gram * gram).sum() / (b * b)
-            if not return_stats:
-                return out
-            with torch.no_grad():
-                stats = UniformityStats(torch.ones((), dtype=torch.bool, device=device), f.norm(dim=1).mean())
-    return (out, stats) if return_stats else out
+            stats = UniformityStats(torch.zeros((), dtype=torch.bool, device=device), zero)
+            return (zero, stats) if return_stats else zero
+        # zeros in place of unusable features: the term below is then finite and its gradient exactly zero
+        valid = within_range(f, limit)
+        f = torch.where(valid, f, zero)
+        unit = F.normalize(f, dim=1)
+        gram = unit @ unit.T if b <= d else unit.T @ unit
+        out = torch.where(valid, (gram * gram).sum() / (b * b), zero)
+        if not return_stats:
+            return out
+        with torch.no_grad():
+            stats = UniformityStats(valid, f.norm(dim=1).mean())
+    return out, stats
 
 
 class Uniformity(TapRegularizer):
@@ -105,7 +129,6 @@ class Uniformity(TapRegularizer):
     """
 
     key = "uniformity"
-    stat_names = ("feature_norm",)
 
     def __init__(self, weight: Union[float, Mapping[str, Any], WeightSchedule] = 0.01, gather: bool = False) -> None:
         super().__init__(weight, gather)
@@ -113,7 +136,7 @@ class Uniformity(TapRegularizer):
     def _request(self, tap: FeatureTap) -> None:
         tap.request_cls()
 
-    def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, TermRecord]:
         values, valids, norms = [], [], []
         for features in tap.final_cls():
             if self.gather:
@@ -122,9 +145,7 @@ class Uniformity(TapRegularizer):
             values.append(value)
             valids.append(stats.valid)
             norms.append(stats.feature_norm)
-        term, denominator, head = self._average_valid(values, valids)
-        record = torch.stack(head + [torch.stack(norms).float().sum() / denominator])
-        return term, record
+        return self._average_valid(values, valids, {"feature_norm": norms})
 
     def _skip_reason(self) -> str:
         return "the batch is empty"
