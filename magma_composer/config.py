@@ -108,17 +108,17 @@ class TrainConfig:
     device: str | None = None  #: cpu | gpu | mps (default: gpu when there is one)
     cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: cores per rank - loader workers)
     device_train_microbatch_size: Union[int, str, None] = None  #: int or auto; default: the per-device batch
-    eval_interval: Union[str, int] = "1ep"
+    eval_interval: Union[str, int, None] = None  #: needs eval_data; default 1ep
     progress_bar: bool = True
     console_log_interval: str = "1ep"
     log_to_console: bool = False
     save_folder: str | None = None  #: {run_name} is filled in; a run never writes into another run's folder
-    save_interval: str = "1ep"
-    save_num_checkpoints_to_keep: int = -1
-    save_overwrite: bool = False
+    save_interval: str | None = None  #: needs save_folder; default 1ep
+    save_num_checkpoints_to_keep: int | None = None  #: needs save_folder; default -1 (all)
+    save_overwrite: bool | None = None  #: needs save_folder or export_encoder; default false
     autoresume: bool = False
     load_path: str | None = None
-    load_weights_only: bool = False
+    load_weights_only: bool | None = None  #: needs load_path; default false
     parallelism_config: dict | None = None  #: passed to the Trainer (fsdp: {...})
     dist_timeout: float = 300.0
     compile: bool = False  #: torch.compile the model
@@ -134,8 +134,23 @@ class TrainConfig:
         mb = self.device_train_microbatch_size
         if (isinstance(mb, str) and mb != "auto") or (isinstance(mb, int) and mb < 1):
             raise ConfigError(f"device_train_microbatch_size: expected a positive integer or 'auto', got {mb!r}")
+        # an option whose subject is missing would be accepted and then ignored
+        for key, needs in (
+            ("eval_interval", "eval_data"),
+            ("save_interval", "save_folder"),
+            ("save_num_checkpoints_to_keep", "save_folder"),
+            ("load_weights_only", "load_path"),
+        ):
+            if getattr(self, key) is not None and getattr(self, needs) is None:
+                raise ConfigError(f"{key}: has no effect without {needs}; set {needs} or remove {key}")
+        if self.save_overwrite is not None and self.save_folder is None and self.export_encoder is None:
+            raise ConfigError("save_overwrite: has no effect without save_folder or export_encoder")
+        if self.cpu_threads is not None and self.device not in (None, "cpu"):
+            raise ConfigError(f"cpu_threads: applies to CPU runs only, but device is {self.device!r}")
         for key in _TIME_KEYS:
             value = getattr(self, key)
+            if value is None:
+                continue
             if isinstance(value, int) and key == "eval_interval":
                 if value < 0:
                     raise ConfigError(f"eval_interval: must be >= 0 (0: only at the end), got {value}")

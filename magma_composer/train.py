@@ -158,7 +158,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             check_output_file,
             export_path,
             "export_encoder",
-            overwrite=cfg.save_overwrite,
+            overwrite=bool(cfg.save_overwrite),
             overwrite_option="save_overwrite: true",
         )
     if cfg.load_path is not None:
@@ -166,7 +166,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     # algorithms first: their options (schedules, basis files) fail before any model or data is built
     algorithms = _build_components("algorithms", cfg.algorithms, registry.ALGORITHMS, {})
     model = build_section("model", ComposerMAE, **cfg.model)
-    build_section("save_folder", guard_run, save_folder, run_name, cfg.autoresume, cfg.save_overwrite, model)
+    build_section("save_folder", guard_run, save_folder, run_name, cfg.autoresume, bool(cfg.save_overwrite), model)
     global_batch = cfg.train_data.get("batch_size", 0) * dist.get_world_size()
     optimizer = build_section("optimizer", build_optimizer, model, global_batch, **cfg.optimizer)
     scheduler = build_section("scheduler", build_scheduler, **cfg.scheduler)
@@ -201,7 +201,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
-        eval_interval=cfg.eval_interval,
+        eval_interval=cfg.eval_interval or "1ep",
         max_duration=cfg.max_duration,
         optimizers=optimizer,
         schedulers=scheduler,
@@ -214,12 +214,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
         save_folder=save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
+        save_interval=cfg.save_interval or "1ep",
+        save_num_checkpoints_to_keep=-1
+        if cfg.save_num_checkpoints_to_keep is None
+        else cfg.save_num_checkpoints_to_keep,
+        save_overwrite=bool(cfg.save_overwrite),
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
-        load_weights_only=cfg.load_weights_only,
+        load_weights_only=bool(cfg.load_weights_only),
         parallelism_config=cfg.parallelism_config,
         device=device,
         precision=precision,

@@ -258,3 +258,19 @@ def test_a_built_recipe_trains(demo_mds):
     trainer = build_trainer(validate(tiny_recipe(demo_mds, max_duration="2ba")))
     trainer.fit()
     assert int(trainer.state.timestamp.batch) == 2
+
+
+@pytest.mark.parametrize(
+    "update,message",
+    [
+        ({"eval_interval": "2ep"}, "eval_interval: has no effect without eval_data"),
+        ({"save_interval": "2ba"}, "save_interval: has no effect without save_folder"),
+        ({"save_num_checkpoints_to_keep": 1}, "save_num_checkpoints_to_keep: has no effect without save_folder"),
+        ({"save_overwrite": True}, "save_overwrite: has no effect without save_folder or export_encoder"),
+        ({"load_weights_only": True}, "load_weights_only: has no effect without load_path"),
+        ({"cpu_threads": 2, "device": "gpu"}, "cpu_threads: applies to CPU runs only"),
+    ],
+)
+def test_an_option_that_would_be_ignored_is_refused(update, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({**base(), **update})

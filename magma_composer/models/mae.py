@@ -356,6 +356,8 @@ class ComposerMAE(ComposerModel):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self._input_transform: InputTransform | None = None
+        if mask_ratio == 0:  # nothing is masked, so the mask token never gets a gradient (DDP would wait for it)
+            self.net.mask_token.requires_grad_(False)
         self.val_metrics = {"ReconstructionMSE": MeanMetric()}
         self.mask_seed = int(torch.randint(0, 2**62, ()).item()) if mask_seed is None else int(mask_seed)
         self._mask_step = 0
