@@ -164,7 +164,9 @@ class TrainConfig:
                 ) from None
             if time.value <= 0 and key == "max_duration":
                 raise ConfigError(f"max_duration: must be positive, got {value!r}")
-        for key, minimum in (("seed", 0), ("cpu_threads", 1), ("save_num_checkpoints_to_keep", -1)):
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: must be in [0, 2**32 - 1], got {self.seed}")
+        for key, minimum in (("cpu_threads", 1), ("save_num_checkpoints_to_keep", -1)):
             value = getattr(self, key)
             if value is not None and value < minimum:
                 raise ConfigError(f"{key}: must be >= {minimum}, got {value}")

@@ -144,6 +144,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     """
     reproducibility.seed_all(cfg.seed)
     device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("device: 'gpu', but torch sees no CUDA GPU on this machine; use cpu (or leave device unset)")
     # joined now (the Trainer's own call is then a no-op) so that every rank agrees on a generated run name
     dist.initialize_dist(get_device(device), cfg.dist_timeout)
     run_name = resolve_run_name(cfg.run_name)
@@ -166,6 +168,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     # algorithms first: their options (schedules, basis files) fail before any model or data is built
     algorithms = _build_components("algorithms", cfg.algorithms, registry.ALGORITHMS, {})
     model = build_section("model", ComposerMAE, **cfg.model)
+    for name, algorithm in zip(cfg.algorithms, algorithms):  # options that depend on the model (block indices...)
+        check_model = getattr(algorithm, "check_model", None)
+        if check_model is not None:
+            build_section(f"algorithms.{name}", check_model, model)
     build_section("save_folder", guard_run, save_folder, run_name, cfg.autoresume, bool(cfg.save_overwrite), model)
     global_batch = cfg.train_data.get("batch_size", 0) * dist.get_world_size()
     optimizer = build_section("optimizer", build_optimizer, model, global_batch, **cfg.optimizer)
@@ -197,7 +203,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         torch.set_num_threads(cpu_threads(cfg))
     precision = cfg.precision or ("amp_bf16" if device == "gpu" else "fp32")
     microbatch = cfg.device_train_microbatch_size or cfg.train_data["batch_size"]
-    return Trainer(
+    # Composer's own checks, and the algorithms' and callbacks' INIT, run inside the Trainer's constructor
+    return build_section(
+        "trainer",
+        Trainer,
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,

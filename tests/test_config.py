@@ -120,6 +120,11 @@ def run_cli(demo_mds, tmp_path, capsys):
         ("scheduler.alpha_f=2", r"scheduler.alpha_f: must be in \[0.0, 1.0\]"),
         ("eval_data=null", "callbacks.knn_monitor: needs an 'eval_data' section"),
         ("loggers.mlflow={}", "loggers.mlflow: needs a package that is not installed"),
+        ("algorithms.magma.target_layer=99", "algorithms.magma: MAGMA: target_layer=99 is out of range"),
+        ("algorithms.magma.reference_layers=[3]", "algorithms.magma: MAGMA: target_layer=3 .* must come after"),
+        ("seed=99999999999", r"seed: must be in \[0, 2\*\*32 - 1\]"),
+        ("train_data.shuffle_algo=bogus", "train_data.shuffle_algo: 'bogus' is not valid"),
+        ("loggers.file.filename=/proc/no/such/log.txt", "trainer: .*No such file or directory"),
     ],
 )
 def test_value_errors_exit_2_with_the_key_path(run_cli, override, message):
@@ -252,6 +257,12 @@ def test_data_keys_come_from_the_owners_signatures():
         own = {p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         assert own - set(INJECTED["train_data"]) <= keys
     assert {"max_samples", "crop_scale", "download_threads", "cache_limit", "num_workers"} <= keys
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_without_cuda_is_a_clean_error(run_cli):
+    code, err = run_cli("device=gpu")
+    assert code == 2 and "device: 'gpu', but torch sees no CUDA GPU" in err and "Traceback" not in err
 
 
 def test_a_built_recipe_trains(demo_mds):

@@ -130,8 +130,12 @@ class TapRegularizer(Algorithm):
 
     # ------------------------------------------------------------------ subclass interface
     @abstractmethod
+    def _check(self, tap: FeatureTap) -> None:
+        """Validates the options against the tap's ViT; raises ``ValueError``."""
+
+    @abstractmethod
     def _request(self, tap: FeatureTap) -> None:
-        """Validates the options against the ViT and asks the tap for the features (called at INIT)."""
+        """Asks the tap for the features (called at INIT, after :meth:`_check`)."""
 
     @abstractmethod
     def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, TermRecord]:
@@ -183,11 +187,23 @@ class TapRegularizer(Algorithm):
             self._tap.remove()
             self._tap = None
 
-    def _setup(self, state: State) -> None:
+    def check_model(self, model: torch.nn.Module) -> FeatureTap:
+        """Checks the options against ``model`` (its ViT's depth, its class token) before training; returns its tap.
+
+        The recipe builder calls it before the Trainer starts, and ``INIT`` calls it again.
+
+        Raises:
+            ValueError: the model holds no timm ViT, or an option does not fit it (e.g. a block index out of range).
+        """
         try:
-            tap = get_feature_tap(state.model)
-        except ValueError as e:
+            tap = get_feature_tap(model)
+            self._check(tap)
+        except (TypeError, ValueError) as e:
             raise ValueError(f"{type(self).__name__}: {e}") from None
+        return tap
+
+    def _setup(self, state: State) -> None:
+        tap = self.check_model(state.model)
         self._request(tap)
         self._tap = tap
 

@@ -43,7 +43,7 @@ __all__ = ["CheckedStreamingDataset", "StreamingDataError"]
 
 log = logging.getLogger(__name__)
 
-# plain ints: comparing a shared-memory uint8 with the IntEnum costs ~12 us, a third of reading a sample
+# plain ints: comparing a shared-memory uint8 with the IntEnum is slow (docs/benchmarks.md, data pipeline)
 _LOCAL, _REMOTE, _PREPARING = int(_ShardState.LOCAL), int(_ShardState.REMOTE), int(_ShardState.PREPARING)
 _OPEN_SHARDS = 8  # file descriptors kept open per loader worker
 _BOTO_ATTEMPTS = 3  # attempts per request inside one streaming download attempt
@@ -69,7 +69,7 @@ class _BoundedS3Downloader(S3Downloader):
         config = Config(
             connect_timeout=timeout,
             read_timeout=timeout,
-            retries={"mode": "standard", "max_attempts": _BOTO_ATTEMPTS},
+            retries={"mode": "standard", "total_max_attempts": _BOTO_ATTEMPTS},  # max_attempts counts retries
             signature_version=UNSIGNED if unsigned else None,
         )
         self._s3_client = Session().client("s3", config=config, endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
@@ -226,6 +226,10 @@ class CheckedStreamingDataset(StreamingDataset):
         for key in ("download_retry", "predownload", "num_canonical_nodes", "batch_size", "shuffle_block_size"):
             if kwargs.get(key) is not None:
                 check_int(key, kwargs[key], 0 if key in ("download_retry", "predownload") else 1)
+        if "shuffle_algo" in kwargs:
+            from streaming.base.shuffle import algos
+
+            check_choice("shuffle_algo", kwargs["shuffle_algo"], sorted(algos))
         if validate_hash not in (None, "auto"):
             from streaming.base.hashing import get_hashes
 

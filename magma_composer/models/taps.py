@@ -90,14 +90,18 @@ class FeatureTap:
                 self._block_requests.add(i)
                 self._handles.append(self.vit.blocks[i].register_forward_hook(self._make_block_hook(i)))
 
+    def check_cls(self) -> None:
+        """Raises a clear ``ValueError`` unless the ViT has a class token to record."""
+        if self.num_prefix_tokens < 1 or getattr(self.vit, "cls_token", None) is None:
+            raise ValueError(
+                "the timm ViT has no class token (class_token=False): the uniformity term reads the "
+                "CLS token after the final norm"
+            )
+
     def request_cls(self) -> None:
         """Asks the tap to record the CLS token after the final LayerNorm."""
         if not self._want_cls:
-            if self.num_prefix_tokens < 1 or getattr(self.vit, "cls_token", None) is None:
-                raise ValueError(
-                    "the timm ViT has no class token (class_token=False): the uniformity term reads the "
-                    "CLS token after the final norm"
-                )
+            self.check_cls()
             self._want_cls = True
             self._handles.append(self.vit.norm.register_forward_hook(self._cls_hook))
 

@@ -260,6 +260,9 @@ class MAGMA(TapRegularizer):
         self._target_block = -1
 
     def _request(self, tap: FeatureTap) -> None:
+        tap.request_blocks(self._reference_blocks + [self._target_block])
+
+    def _check(self, tap: FeatureTap) -> None:
         refs = [tap.normalize_block_index(i, "reference_layers") for i in self.reference_layers]
         target = tap.normalize_block_index(self.target_layer, "target_layer")
         if len(set(refs)) != len(refs):
@@ -270,7 +273,6 @@ class MAGMA(TapRegularizer):
                 f"target_layer={self.target_layer} (block {target} of {tap.depth}) must come after every reference "
                 f"block, but reference_layers {late} do not come before it"
             )
-        tap.request_blocks(refs + [target])
         self._reference_blocks, self._target_block = refs, target
 
     def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, TermRecord]:

@@ -342,10 +342,17 @@ class PCAMasking(Algorithm):
         self._check_pixels(images, "eval")
         return self.standardize(images)
 
+    def check_model(self, model: nn.Module) -> ComposerMAE:
+        """Checks that ``model`` holds a ComposerMAE whose image shape matches the basis; returns the MAE.
+
+        The recipe builder calls it before the Trainer starts, and ``INIT`` calls it again.
+        """
+        mae = _find_mae(model)
+        self._load().check_image_shape(mae.img_size, mae.net.in_chans, what=f"the model ({type(mae).__name__})")
+        return mae
+
     def _init(self, state: State) -> None:
-        model = _find_mae(state.model)
-        basis = self._load()
-        basis.check_image_shape(model.img_size, model.net.in_chans, what=f"the model ({type(model).__name__})")
+        model = self.check_model(state.model)
         model.use_input_transform(self)
         self._model = model
 

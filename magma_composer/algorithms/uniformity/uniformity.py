@@ -133,6 +133,9 @@ class Uniformity(TapRegularizer):
     def __init__(self, weight: Union[float, Mapping[str, Any], WeightSchedule] = 0.01, gather: bool = False) -> None:
         super().__init__(weight, gather)
 
+    def _check(self, tap: FeatureTap) -> None:
+        tap.check_cls()
+
     def _request(self, tap: FeatureTap) -> None:
         tap.request_cls()
 
