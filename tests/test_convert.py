@@ -78,7 +78,7 @@ def test_synthetic_tree_every_kind_of_image(tmp_path):
         assert np.abs(got - expected).mean() < tolerance, rel
     assert manifest["reencoded"] == reencoded == 30
 
-    images = StreamingImageDataset(local=str(tmp_path / "out"), image_size=16, train=False, batch_size=4)
+    images = StreamingImageDataset(remote=str(tmp_path / "out"), image_size=16, train=False, batch_size=4)
     image, label = images[5]
     assert tuple(image.shape) == (3, 16, 16) and label == listing[5][1]
 
@@ -123,7 +123,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     with pytest.raises(BadImageError, match=str(bad)):
         convert_image_folder(tmp_path / "src", tmp_path / "out", chunk_files=5, progress=False)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["chunk-00000", "chunk-00001", "chunk-00002"]
+    assert sorted(p.name for p in out.iterdir()) == ["chunk-00000", "chunk-00001", "chunk-00002", "conversion.json"]
     assert all((out / f"chunk-0000{k}" / "done.json").is_file() for k in range(3))
     assert not (out / "index.json").exists()  # nothing readable until the conversion is complete
     finished = {p: p.stat().st_mtime_ns for p in out.glob("chunk-*/shard.*")}
@@ -200,20 +200,23 @@ def test_empty_class_folder(tmp_path, capsys):
     "argv, message",
     [
         ([], "the following arguments are required: --src, --out"),
-        (["--src", "{tmp}/missing", "--out", "{tmp}/o"], "is not a folder"),
-        (["--src", "{tmp}/flat", "--out", "{tmp}/o"], "has no class folders"),
+        (["--src", "{tmp}/missing", "--out", "{tmp}/o"], "missing does not exist"),
+        (["--src", "{tmp}/flat", "--out", "{tmp}/o"], "outside any class folder: a.jpg"),
+        (["--src", "{tmp}/nothing", "--out", "{tmp}/o"], "has no class folders"),
         (["--src", "{tmp}/src", "--out", "{tmp}/o", "--shard-size", "lots"], "--shard-size 'lots' is not a size"),
         (["--src", "{tmp}/src", "--out", "{tmp}/o", "--compression", "zip9"], "--compression 'zip9' is not valid"),
         (["--src", "{tmp}/src", "--out", "{tmp}/o", "--quality", "0"], "--quality must be an integer from 1 to 95"),
         (["--src", "{tmp}/src", "--out", "{tmp}/o", "--workers", "0"], "--workers must be a positive integer"),
-        (["--src", "{tmp}/src", "--out", "{tmp}/src"], "is not empty and was not written by this converter"),
-        (["--src", "{tmp}/src", "--out", "{tmp}/o", "--staging", "{tmp}/s"], "--staging is only used with a remote"),
+        (["--src", "{tmp}/src", "--out", "{tmp}/src"], "lies inside --src"),
+        (["--src", "{tmp}/src", "--out", "{tmp}/flat"], "is not empty and was not written by this converter"),
+        (["--src", "{tmp}/src", "--out", "{tmp}/o", "--staging", "{tmp}/s"], "only used with a remote --out"),
         (["--src", "{tmp}/src", "--out", "gs://bucket/x"], "local folders and s3:// URLs only"),
     ],
 )
 def test_bad_command_line_exits_2(tmp_path, capsys, argv, message):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.jpg").write_bytes(b"")
+    (tmp_path / "nothing").mkdir()
     write_synthetic_tree(tmp_path / "src", per_class=1)
     with pytest.raises(SystemExit) as exit_info:
         main([a.format(tmp=tmp_path) for a in argv])
@@ -244,7 +247,7 @@ def test_real_cifar_jpegs_stored_verbatim(cifar_jpegs, tmp_path):
         source = (cifar_jpegs / "train" / rel).read_bytes()
         assert hashlib.sha1(samples[i]["x"]).digest() == hashlib.sha1(source).digest(), rel
         assert int(samples[i]["y"]) == label == manifest["classes"].index(rel.split("/")[0])
-    dataset = StreamingImageDataset(local=str(tmp_path / "out"), image_size=32, batch_size=10, shuffle=True)
+    dataset = StreamingImageDataset(remote=str(tmp_path / "out"), image_size=32, batch_size=10, shuffle=True)
     images = [dataset[k] for k in range(10)]
     assert all(tuple(x.shape) == (3, 32, 32) for x, _ in images)
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -223,3 +228,175 @@ def test_server_stops_during_conversion(own_server, tmp_path, monkeypatch, capsy
     # the finished chunks that could not be uploaded stay staged, with their markers, for the rerun
     staged = sorted(p.parent.name for p in (tmp_path / "staging").glob("chunk-*/done.json"))
     assert "chunk-00001" in staged
+
+
+# ------------------------------------------------------------------------------------- endpoints that never answer
+
+
+class SilentEndpoint:
+    """A loopback TCP server that accepts every connection and never sends a byte (a hung S3 endpoint).
+
+    With ``upstream`` (a port), a proxy instead: requests go through to that server unless their request line
+    (``'PUT /bucket/key HTTP/1.1'``) matches ``freeze``, after which that connection stays silent.
+    """
+
+    def __init__(self, upstream: int | None = None, freeze: Callable[[str], bool] = lambda line: True) -> None:
+        self.upstream, self.freeze = upstream, freeze
+        self.frozen: list[str] = []
+        self._sockets: list[socket.socket] = []
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:  # closed
+                return
+            self._sockets.append(client)
+            if self.upstream is not None:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+                self._sockets.append(upstream)
+                threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        frozen = False
+        while not frozen:
+            try:
+                data = client.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                break
+            line = data.split(b"\r\n", 1)[0].decode("latin-1")
+            if re.match(r"^[A-Z]+ /\S* HTTP/1\.[01]$", line) and self.freeze(line):
+                self.frozen.append(line)
+                frozen = True  # keep the connection open and answer nothing, ever
+            else:
+                upstream.sendall(data)
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._server.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+@pytest.fixture
+def silent(monkeypatch):
+    """A silent endpoint, set as ``S3_ENDPOINT_URL`` with dummy credentials."""
+    endpoint = SilentEndpoint()
+    for key, value in {
+        "S3_ENDPOINT_URL": endpoint.endpoint,
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield endpoint
+    endpoint.close()
+
+
+TIMEOUT = 1.0  # seconds per S3 request in these tests
+BOUND = 10 * TIMEOUT  # three attempts, backoffs and Python's own work fit well inside; a default client takes 300 s
+
+
+def test_silent_endpoint_converter_fails_within_bound(silent, tmp_path, capsys):
+    write_synthetic_tree(tmp_path / "src", per_class=2)
+    argv = ["--src", str(tmp_path / "src"), "--out", "s3://bucket/ds", "--timeout", f"{TIMEOUT:g}", "--no-progress"]
+    start = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - start < BOUND
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert f"cannot list s3://bucket/ds (bucket 'bucket', key 'ds') at {silent.endpoint}" in err
+    assert "did not answer within 1 s (connect) / 1 s (answer) per attempt, 3 attempts" in err
+    assert "--timeout is 1 s: raise it if the store is only slow" in err
+
+
+def test_silent_endpoint_check_remote_within_bound(silent):
+    start = time.monotonic()
+    with pytest.raises(RemoteDataError) as error:
+        check_remote("s3://bucket/ds", split="train", timeout=TIMEOUT)
+    assert time.monotonic() - start < BOUND
+    message = str(error.value)
+    assert "s3://bucket/ds/train/index.json" in message and silent.endpoint in message
+    assert "did not answer within 1 s (connect) / 1 s (answer) per attempt, 3 attempts" in message
+
+
+def test_silent_endpoint_during_training_download_within_bound(s3, tmp_path, monkeypatch):  # noqa: F811
+    """The data set is checked against a working store; then the store hangs: the first shard download fails
+    within the bound set by ``download_timeout`` (and ``download_retry``), naming the shard and the endpoint."""
+    bucket = _upload(s3, tmp_path / "src", per_class=4, shard_size="4kb")
+    dataset = CheckedStreamingDataset(
+        remote=f"s3://{bucket}/ds",
+        local=str(tmp_path / "cache"),
+        split="train",
+        batch_size=4,
+        download_timeout=TIMEOUT,
+        download_retry=1,  # streaming's count of attempts, despite its name
+    )
+    endpoint = SilentEndpoint()
+    monkeypatch.setenv("S3_ENDPOINT_URL", endpoint.endpoint)
+    try:
+        start = time.monotonic()
+        with pytest.raises(StreamingDataError, match="cannot download shard") as error:
+            _iterate(dataset)
+        assert time.monotonic() - start < min(BOUND, dataset.shard_deadline)
+    finally:
+        endpoint.close()
+    assert endpoint.endpoint in str(error.value) and "did not answer" in str(error.value)
+    _assert_cache_is_sound(tmp_path / "cache")
+
+
+def _first_run(s3, tmp_path) -> tuple[str, list[str]]:  # noqa: F811
+    bucket = s3.make_bucket()
+    write_synthetic_tree(tmp_path / "src", per_class=4)
+    argv = ["--src", str(tmp_path / "src"), "--out", f"s3://{bucket}/ds", "--chunk-files", "4"]
+    argv += ["--staging", str(tmp_path / "staging"), "--timeout", f"{TIMEOUT:g}", "--no-progress"]
+    return bucket, argv
+
+
+@pytest.mark.parametrize(
+    "call, pattern, finish_first",
+    [
+        ("read_json", r"^GET /[^/]+/ds/chunk-00000/done\.json", True),  # the resume reads chunk markers
+        ("write_bytes", r"^PUT /[^/]+/ds/conversion\.json", False),  # the record, written after the listing
+        ("upload_file", r"^PUT /[^/]+/ds/chunk-00001/shard", False),  # a chunk's shards, in the upload thread
+        ("remove", r"^POST /[^/]+\?delete", True),  # a changed chunk's old objects are deleted first
+    ],
+)
+def test_every_converter_s3_call_is_bounded(s3, tmp_path, monkeypatch, capsys, call, pattern, finish_first):  # noqa: F811
+    """One kind of request hangs (a proxy to the moto server answers the others): the conversion still ends
+    within the bound, with exit 1 and an error naming the endpoint and the limit."""
+    bucket, argv = _first_run(s3, tmp_path)
+    if finish_first:
+        assert main(argv) == 0
+        capsys.readouterr()
+        if call == "remove":  # a changed file makes its chunk be rewritten, replacing the uploaded one
+            changed = tmp_path / "src" / "ant" / "img_000.jpg"
+            changed.write_bytes(changed.read_bytes())
+            os.utime(changed, ns=(0, changed.stat().st_mtime_ns + 10**9))
+    proxy = SilentEndpoint(upstream=int(s3.endpoint.rsplit(":", 1)[1]), freeze=re.compile(pattern).match)
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
+    try:
+        start = time.monotonic()
+        code = main(argv)
+        elapsed = time.monotonic() - start
+    finally:
+        proxy.close()
+    assert proxy.frozen, f"no request matched {pattern}"
+    assert code == 1 and elapsed < 2 * BOUND  # up to two requests may hang in turn (a chunk's upload, then ours)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and proxy.endpoint in err
+    assert "did not answer within 1 s (connect) / 1 s (answer) per attempt, 3 attempts" in err, err

@@ -7,10 +7,18 @@ Usage::
         --staging /scratch/mds-staging --workers 16      # S3-compatible stores: set S3_ENDPOINT_URL
 
 Input: ``SRC/<class>/<image>`` (images may sit in sub-folders of a class folder). Classes are the sorted
-sub-folder names of ``SRC`` and a class's index is its position in that order, as in torchvision's
-``ImageFolder`` (so ImageNet's synset folders give the usual indices). Files are found recursively and taken
-in sorted order when their extension (any case) is one of ``IMAGE_EXTENSIONS`` (.jpg .jpeg .png .ppm .bmp .pgm
-.tif .tiff .webp); other files are ignored and counted in the manifest.
+sub-folder names of ``SRC`` (hidden ones, starting with ``.``, are skipped) and a class's index is its position
+in that order, as in torchvision's ``ImageFolder`` (so ImageNet's synset folders give the usual indices). Files
+are found recursively and taken in torchvision's order when their extension (any case) is one of
+``IMAGE_EXTENSIONS`` (.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp); other files (and anything that is not a
+regular file) are not converted and are counted in the manifest (``ignored_files``).
+
+* An image file at the top of ``SRC`` (outside any class folder) has no class: it stops the conversion with an
+  error naming it; with ``--skip-bad`` it is left out and listed in the manifest (``outside_classes``).
+* Symbolic links are followed only while they stay inside ``SRC``. A link that points outside ``SRC``, a link
+  that points to nothing, and a link to one of its own ancestor folders (a loop) stop the conversion with an
+  error naming each link and its target, before anything is written: pass the real folder as ``--src``, or
+  copy the files in.
 
 Output: MDS shards with the columns ``x`` (``bytes``: JPEG), ``y`` (``int``: class index) and ``i`` (``int``:
 the file's position in the sorted listing of all image files, a stable sample id; readers that only know
@@ -30,20 +38,33 @@ Images:
 * An empty class folder (no image files) stops the conversion with an error naming the folder; with
   ``--allow-empty-classes`` it is kept as a class with zero images, so the other classes keep their indices.
 
+The output is checked before the work: ``--out`` (and ``--staging``) must be empty or hold this converter's
+files for the same ``--src`` and options, recorded in ``conversion.json`` once ``--src`` is listed. Anything
+else (other files, a conversion of another source or with other options, a file, a place that cannot be
+written, a folder inside ``--src``) is refused with an error naming what is there; nothing is overwritten that
+this converter did not write for this source.
+
 Resuming: files are written in chunks of ``--chunk-files`` (in listing order), each an MDS folder
-``chunk-NNNNN/`` closed by a ``done.json`` marker. Run the same command again after an interruption: finished
-chunks (whose marker matches the listing and the options) are skipped, an unfinished one is rewritten. The
-top-level ``index.json`` (the chunks' shards, merged) and ``manifest.json`` come last, so a data set is
-readable only once it is complete.
+``chunk-NNNNN/`` closed by a ``done.json`` marker that records a fingerprint of its source files (relative path,
+class, size and modification time in nanoseconds of each) and the options. Run the same command again after an
+interruption (Ctrl-C exits with code 130 and keeps the finished chunks): a finished chunk is reused only when
+its files are unchanged; a chunk whose files changed (or moved, appeared, disappeared) or that is unfinished is
+rewritten, and chunks beyond the current listing are removed. A file changed in place that keeps its size and
+modification time (``touch -r``) is not noticed. The top-level ``index.json`` (the chunks' shards, merged) and
+``manifest.json`` come last (and are removed before any chunk is rewritten), so a data set is readable only
+once it is complete.
 
 Workers: ``--workers N`` decodes and encodes images in N processes, in order, feeding one ``MDSWriter`` per
 chunk in the main process: the output is the same for every N.
 
 Remote output (``--out s3://bucket/prefix``): each chunk is written under ``--staging`` (a temporary folder by
 default), uploaded in a background thread while the next chunk is encoded (shards, then the chunk index, then
-the marker), and its staged copy deleted (``--keep-staging`` keeps it).
+the marker), and its staged copy deleted (``--keep-staging`` keeps it). Every S3 request waits at most
+``--timeout`` seconds (default 60) to connect and as long for an answer, three attempts in all: an endpoint that
+accepts connections and never answers ends the conversion with an error naming it and the limit.
 
-Exit codes: 0 done; 1 an unreadable image or a storage error; 2 bad command-line input.
+Exit codes: 0 done; 1 an unreadable image or a storage error; 2 bad command-line input or source tree;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -53,20 +74,35 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from magma_composer.data.storage import RemoteDataError, is_remote, join_url, list_names, read_json, write_bytes
+from magma_composer.data.storage import (
+    RemoteDataError,
+    is_remote,
+    is_timeout,
+    join_url,
+    list_names,
+    read_json,
+    remove,
+    s3_client,
+    upload_file,
+    write_bytes,
+)
 
 __all__ = [
     "COLUMNS",
@@ -90,9 +126,14 @@ DEFAULT_HASHES = ("sha1", "xxh64")
 
 INDEX_NAME = "index.json"
 MANIFEST_NAME = "manifest.json"
+RECORD_NAME = "conversion.json"
 DONE_NAME = "done.json"
 CHUNK_PREFIX = "chunk-"
-_FORMAT = "magma_composer.convert/1"
+PROG = "python -m magma_composer.data.convert"
+_FORMAT = "magma_composer.convert/2"
+_OWN_NAMES = (INDEX_NAME, MANIFEST_NAME, RECORD_NAME)
+_S3_ATTEMPTS = 3  # attempts per S3 request, each bounded by --timeout
+_SHOWN = 10  # offending entries named in one error message
 
 
 class ConversionError(ValueError):
@@ -111,66 +152,180 @@ class SourceListing:
         root: the source folder.
         classes: class names (sorted folder names); a class's index is its position here.
         files: ``(path relative to root, class index)`` per image, in order; a file's position is its ``i``.
-        ignored: number of files skipped for their extension.
+        stats: ``(size in bytes, modification time in ns)`` per image, in the order of ``files``.
+        ignored: number of files not taken as images (other extensions, not regular files).
         empty_classes: class folders without any image file.
+        outside_classes: image files at the top of ``root``, outside any class folder (left out).
     """
 
     root: Path
     classes: list[str]
     files: list[tuple[str, int]]
+    stats: list[tuple[int, int]] = field(default_factory=list)
     ignored: int = 0
     empty_classes: list[str] = field(default_factory=list)
+    outside_classes: list[str] = field(default_factory=list)
+
+
+def _plain(text: str) -> str:
+    """``text`` without Python object reprs (``<_io.BytesIO object at 0x..>``, ``PosixPath('x')``)."""
+    text = re.sub(r"\s*<[^<>]* (?:object )?at 0x[0-9a-fA-F]+>", "", text)
+    return re.sub(r"\b(?:Posix|Windows|Pure\w*)?Path\('([^']*)'\)", r"\1", text)
+
+
+def _os_error_text(error: OSError) -> str:
+    """``'Permission denied: /some/path'``: an OS error's reason and file as plain text."""
+    if error.strerror and error.filename is not None:
+        return f"{error.strerror}: {os.fsdecode(error.filename)}"
+    return error.strerror or _plain(str(error)) or type(error).__name__
+
+
+def _shown(items: Sequence[str]) -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _entry_kind(entry: os.DirEntry, root_real: str, ancestors: tuple, problems: list[str]) -> os.stat_result | None:
+    """The ``stat`` of what ``entry`` names, following a link only inside ``root_real``; ``None`` (and a line in
+    ``problems``) for a link out of the tree, a dangling link, a link to an ancestor folder, or an unreadable entry.
+    """
+    if entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        if not _inside(target, root_real):
+            problems.append(f"{entry.path} -> {target} (outside --src)")
+            return None
+        if not os.path.exists(target):
+            problems.append(f"{entry.path} -> {os.readlink(entry.path)} (points to nothing)")
+            return None
+    try:
+        info = entry.stat()
+    except OSError as error:
+        problems.append(f"{entry.path} ({_os_error_text(error)})")
+        return None
+    if stat.S_ISDIR(info.st_mode) and (info.st_dev, info.st_ino) in ancestors:
+        problems.append(f"{entry.path} -> {os.path.realpath(entry.path)} (a link to its own ancestor folder: a loop)")
+        return None
+    return info
+
+
+def _scandir(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as error:
+        raise ConversionError(f"cannot list the folder {folder}: {_os_error_text(error)}") from error
+
+
+def _walk_class(
+    top: str, root_real: str, ancestors: tuple, extensions: tuple[str, ...], problems: list[str]
+) -> tuple[list[tuple[str, os.stat_result]], int]:
+    """Image files under ``top`` in torchvision's order (folders by path, then names), and the count ignored."""
+    folders, ignored = [], 0
+    stack = [(top, ancestors)]
+    while stack:
+        folder, chain = stack.pop()
+        info = os.stat(folder)
+        chain = chain + ((info.st_dev, info.st_ino),)
+        files = []
+        for entry in _scandir(folder):
+            info = _entry_kind(entry, root_real, chain, problems)
+            if info is None:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                stack.append((entry.path, chain))
+            elif stat.S_ISREG(info.st_mode) and entry.name.lower().endswith(extensions):
+                files.append((entry.name, info))
+            else:  # another extension, or a FIFO / socket / device, which reading could block on
+                ignored += 1
+        folders.append((folder, sorted(files, key=lambda f: f[0])))
+    ordered = sorted(folders, key=lambda f: f[0])
+    return [(os.path.join(folder, name), info) for folder, files in ordered for name, info in files], ignored
 
 
 def list_image_folder(
     src: Union[str, os.PathLike],
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     allow_empty_classes: bool = False,
+    skip_outside: bool = False,
 ) -> SourceListing:
-    """Lists the images of ``src/<class>/...`` in sorted order.
+    """Lists the images of ``src/<class>/...`` in torchvision's order (see the module docstring).
 
     Args:
         src: the source folder; its sub-folders are the classes (hidden ones, starting with ``.``, are skipped).
         extensions: image file extensions, compared in lower case.
         allow_empty_classes: keep class folders without images (as classes with zero images) instead of failing.
+        skip_outside: leave image files at the top of ``src`` out (listed in ``outside_classes``) instead of
+            failing.
 
     Raises:
-        ConversionError: ``src`` is not a folder, has no class folders, or (without ``allow_empty_classes``)
-            a class folder holds no image file.
+        ConversionError: ``src`` is not a folder or cannot be listed, has no class folders, holds symbolic links
+            out of itself, dangling or looping, holds images outside class folders (without ``skip_outside``),
+            or (without ``allow_empty_classes``) a class folder holds no image file.
     """
     root = Path(src)
     if not root.is_dir():
-        raise ConversionError(f"--src {str(src)!r} is not a folder (expected SRC/<class>/<image> files)")
+        raise ConversionError(f"--src {os.fspath(src)} is not a folder (expected SRC/<class>/<image> files)")
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ConversionError(
-            f"--src {str(src)!r} has no class folders: expected one sub-folder per class holding its images "
-            f"(ImageNet's layout, SRC/<class>/<image>)"
-        )
+    root_real = os.path.realpath(root)
+    info = os.stat(root)
+    top_chain = ((info.st_dev, info.st_ino),)
+    problems: list[str] = []
+    classes, outside, ignored = [], [], 0
+    for entry in _scandir(str(root)):
+        if entry.name.startswith("."):
+            continue
+        info = _entry_kind(entry, root_real, top_chain, problems)
+        if info is None:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            classes.append(entry.name)
+        elif stat.S_ISREG(info.st_mode) and entry.name.lower().endswith(extensions):
+            outside.append(entry.name)
+        else:
+            ignored += 1
+    classes.sort()
+    outside.sort()
     files: list[tuple[str, int]] = []
-    ignored = 0
+    stats: list[tuple[int, int]] = []
     empty = []
     for label, name in enumerate(classes):
-        found = 0
-        for folder, _, names in sorted(os.walk(root / name, followlinks=True)):  # torchvision's order
-            for fname in sorted(names):
-                if fname.lower().endswith(extensions):
-                    files.append((os.path.relpath(os.path.join(folder, fname), root), label))
-                    found += 1
-                else:
-                    ignored += 1
-        if found == 0:
+        found, skipped = _walk_class(str(root / name), root_real, top_chain, extensions, problems)
+        ignored += skipped
+        for path, info in found:
+            files.append((os.path.relpath(path, root), label))
+            stats.append((info.st_size, info.st_mtime_ns))
+        if not found:
             empty.append(name)
+    if problems:
+        raise ConversionError(
+            f"--src {root} holds symbolic links the converter does not follow (it stays inside --src and "
+            f"does not loop): {_shown(problems)}; pass the real folder as --src, copy the files in, or remove "
+            f"the links"
+        )
+    if outside and not skip_outside:
+        raise ConversionError(
+            f"image file(s) at the top of --src {root}, outside any class folder: {_shown(outside)}; images "
+            f"must sit in SRC/<class>/ (move them into their class folder, or pass --skip-bad (skip_bad=True) "
+            f"to leave them out, listed in the manifest)"
+        )
+    if not classes:
+        raise ConversionError(
+            f"--src {root} has no class folders: expected one sub-folder per class holding its images "
+            f"(ImageNet's layout, SRC/<class>/<image>)"
+        )
     if empty and not allow_empty_classes:
         raise ConversionError(
             f"class folder(s) without images ({', '.join(extensions)}): "
-            f"{', '.join(str(root / n) for n in empty)}; remove them, or pass --allow-empty-classes "
+            f"{_shown([str(root / n) for n in empty])}; remove them, or pass --allow-empty-classes "
             f"(allow_empty_classes=True) to keep them as classes with zero images so that class indices still match"
         )
     if not files:
-        raise ConversionError(f"--src {str(src)!r} holds no image files ({', '.join(extensions)})")
-    return SourceListing(root=root, classes=classes, files=files, ignored=ignored, empty_classes=empty)
+        raise ConversionError(f"--src {root} holds no image files ({', '.join(extensions)})")
+    return SourceListing(root, classes, files, stats, ignored, empty, outside)
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -178,6 +333,15 @@ def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(width, height)
     new = (size, max(1, round(height * scale))) if width <= height else (max(1, round(width * scale)), size)
     return image if new == image.size else image.resize(new, Image.Resampling.BICUBIC)
+
+
+def _image_error_text(error: BaseException) -> str:
+    """Why an image could not be read, in words (PIL's messages name the in-memory buffer, not the file)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image format PIL can read (unknown format, or a corrupt header)"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return _plain(str(error)) or type(error).__name__
 
 
 def encode_image(path: Union[str, os.PathLike], resize: int | None = None, quality: int = 90) -> tuple[bytes, bool]:
@@ -195,7 +359,7 @@ def encode_image(path: Union[str, os.PathLike], resize: int | None = None, quali
         ``(jpeg_bytes, reencoded)``.
 
     Raises:
-        BadImageError: the file cannot be read or decoded, naming ``path``.
+        BadImageError: the file cannot be read or decoded, naming ``path`` as a plain path.
     """
     try:
         with open(path, "rb") as f:
@@ -211,7 +375,7 @@ def encode_image(path: Union[str, os.PathLike], resize: int | None = None, quali
         rgb.save(out, format="JPEG", quality=quality)
         return out.getvalue(), True
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+        raise BadImageError(f"cannot read image {os.fspath(path)}: {_image_error_text(error)}") from error
 
 
 def _pool_worker_init() -> None:
@@ -239,12 +403,21 @@ def _chunk_name(k: int) -> str:
     return f"{CHUNK_PREFIX}{k:05d}"
 
 
-def _fingerprint(listing: SourceListing, start: int, files: Sequence[tuple[str, int]], options: dict) -> str:
-    payload = json.dumps(
-        {"format": _FORMAT, "classes": listing.classes, "start": start, "files": list(files), "options": options},
-        sort_keys=True,
-    )
-    return hashlib.sha1(payload.encode()).hexdigest()
+def _chunk_number(name: str) -> int | None:
+    digits = name[len(CHUNK_PREFIX) :]
+    return int(digits) if name.startswith(CHUNK_PREFIX) and digits.isdigit() else None
+
+
+def _fingerprint(listing: SourceListing, start: int, count: int, options: dict) -> str:
+    """A chunk's identity: its files (relative path, class, size, modification time in ns), classes and options."""
+    files = [
+        [rel, label, size, mtime]
+        for (rel, label), (size, mtime) in zip(
+            listing.files[start : start + count], listing.stats[start : start + count]
+        )
+    ]
+    payload = {"format": _FORMAT, "classes": listing.classes, "start": start, "files": files, "options": options}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _validate_options(
@@ -254,9 +427,9 @@ def _validate_options(
     from streaming.base.hashing import get_hashes, is_hash
     from streaming.base.util import bytes_to_int
 
-    if resize is not None and (not isinstance(resize, int) or resize < 1):
+    if resize is not None and (not isinstance(resize, int) or isinstance(resize, bool) or resize < 1):
         raise ConversionError(f"--resize must be a positive number of pixels (the shorter side), got {resize!r}")
-    if not isinstance(quality, int) or not 1 <= quality <= 95:
+    if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 95:
         raise ConversionError(f"--quality must be an integer from 1 to 95, got {quality!r}")
     try:
         size = bytes_to_int(shard_size)
@@ -267,42 +440,114 @@ def _validate_options(
     if not 1 <= size < 2**32:
         raise ConversionError(f"--shard-size must be at least 1 byte and under 4 GiB (MDS offsets), got {shard_size!r}")
     if compression and not is_compression(compression):
-        raise ConversionError(f"--compression {compression!r} is not valid; choose one of {sorted(get_compressions())}")
+        families = ", ".join(sorted({c.split(":")[0] for c in get_compressions()}))
+        raise ConversionError(
+            f"--compression {compression!r} is not valid; choose one of {families}, optionally with a level "
+            f"(zstd:7; levels as the library allows)"
+        )
     bad = [h for h in hashes if not is_hash(h)]
     if bad:
-        raise ConversionError(f"--hashes {bad} not supported; choose from {sorted(get_hashes())}")
+        raise ConversionError(f"--hashes {', '.join(bad)} not supported; choose from {', '.join(sorted(get_hashes()))}")
     return size, sorted(set(hashes))
 
 
-def _check_out(out: str, n_chunks: int) -> None:
-    """Refuses an output that holds something other than this converter's files, or more chunks than planned."""
-    if not is_remote(out) and os.path.exists(out) and not os.path.isdir(out):
-        raise ConversionError(f"--out {out} is a file; give a folder (or an s3:// URL)")
-    names = list_names(out)
-    foreign = [n for n in names if not n.startswith(CHUNK_PREFIX) and n not in (INDEX_NAME, MANIFEST_NAME)]
+def _check_location(path: str, flag: str, src_real: str) -> None:
+    """Refuses an output location that is empty, a URL of another scheme, an s3:// URL without a bucket, a file,
+    or a folder that overlaps ``--src``."""
+    if not path:
+        raise ConversionError(f"{flag} is empty; give a folder (or an s3://bucket/prefix URL)")
+    if is_remote(path):
+        parsed = urllib.parse.urlparse(path)
+        if parsed.scheme != "s3" or not path.startswith("s3://"):
+            raise ConversionError(
+                f"{flag} {path}: the converter writes to local folders and s3:// URLs only (lower-case s3://; "
+                f"for gs:// or other stores, convert to a local folder and copy it)"
+            )
+        if not parsed.netloc:
+            raise ConversionError(f"{flag} {path} names no bucket; expected s3://bucket/prefix")
+        return
+    if urllib.parse.urlparse(path).scheme == "file":
+        raise ConversionError(f"{flag} {path}: give a plain path, not a file:// URL")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConversionError(f"{flag} {path} is a file; give a folder (or an s3:// URL)")
+    real = os.path.realpath(path)
+    if _inside(real, src_real):
+        raise ConversionError(
+            f"{flag} {path} lies inside --src {src_real}: its files would be listed as images of a class; "
+            f"choose a folder outside --src"
+        )
+    if _inside(src_real, real):
+        raise ConversionError(f"--src {src_real} lies inside {flag} {path}; choose an {flag} apart from --src")
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Creates and removes an empty folder in ``path`` (or its nearest existing parent), which proves that the
+    output can be written there even where permission bits do not tell (root, read-only mounts)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConversionError(f"{flag} {path} cannot be created: {probe} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".convert-probe-", dir=probe))
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConversionError(f"cannot write {flag} {path}: {probe} is not writable ({reason})") from error
+
+
+def _check_claim(where: str, record: dict, flag: str, client: Any) -> list[str]:
+    """Checks that ``where`` is empty or holds this conversion (the same ``record``: source and options).
+
+    Returns:
+        the names ``where`` holds.
+
+    Raises:
+        ConversionError: ``where`` holds other files, or a conversion of another source or with other options.
+    """
+    names = list_names(where, client)
+    ours = [n for n in names if n in _OWN_NAMES or _chunk_number(n) is not None]
+    foreign = [n for n in names if n not in ours and not (n.endswith(".tmp") and n[:-4] in _OWN_NAMES)]
     if foreign:
         raise ConversionError(
-            f"--out {out} is not empty and was not written by this converter (it holds {foreign[:5]}); "
+            f"{flag} {where} is not empty and was not written by this converter (it holds {_shown(foreign)}); "
             f"choose an empty folder or prefix"
         )
-    extra = [n for n in names if n.startswith(CHUNK_PREFIX) and n >= _chunk_name(n_chunks)]
-    if extra:
+    try:
+        existing = read_json(join_url(where, RECORD_NAME), client)
+    except ValueError as error:
+        raise ConversionError(f"{join_url(where, RECORD_NAME)} is not valid JSON ({error}); delete {where}") from error
+    started = [n for n in ours if n != RECORD_NAME]
+    if started and not isinstance(existing, dict):
         raise ConversionError(
-            f"--out {out} holds {extra[:3]} from a conversion of a different source or --chunk-files; "
-            f"delete --out to start over"
+            f"{flag} {where} holds {_shown(started)} but no {RECORD_NAME}: not a conversion this converter can "
+            f"resume (an older version's?); delete {where} to start over, or choose another {flag}"
         )
+    if started and existing != record:
+        finished = "a finished conversion" if MANIFEST_NAME in names else "an unfinished conversion"
+        if existing.get("source") != record["source"] or existing.get("out") != record.get("out"):
+            raise ConversionError(
+                f"{flag} {where} holds {finished} of --src {existing.get('source')}"
+                + (f" for --out {existing.get('out')}" if "out" in existing else "")
+                + f", not of --src {record['source']}: choose another {flag}, or delete {where} to start over"
+            )
+        theirs, now = existing.get("options") or {}, record["options"]
+        keys = sorted(set(theirs) | set(now))
+        changed = [f"{k}: {theirs.get(k)!r} there, {now.get(k)!r} now" for k in keys if theirs.get(k) != now.get(k)]
+        raise ConversionError(
+            f"{flag} {where} holds {finished} of the same --src written with different options "
+            f"({'; '.join(changed) or existing.get('format')}); rerun with the original options, or delete "
+            f"{where} to start over"
+        )
+    return names
 
 
-def _check_marker(marker: dict | None, fingerprint: str, where: str) -> bool:
-    """Whether a chunk is finished; a marker from another listing or other options is an error."""
-    if marker is None:
-        return False
-    if marker.get("fingerprint") != fingerprint:
-        raise ConversionError(
-            f"{where} was written from a different source listing or with different options; rerun with the "
-            f"original options, or delete --out to start over"
-        )
-    return True
+def _read_marker(url: str, client: Any) -> dict | None:
+    """A chunk's ``done.json``; ``None`` when missing or unreadable (the chunk is then rewritten)."""
+    try:
+        marker = read_json(url, client)
+    except ValueError:
+        return None
+    return marker if isinstance(marker, dict) else None
 
 
 def _write_chunk(
@@ -344,11 +589,13 @@ def _write_chunk(
     return {"samples": sum(counts), "class_counts": counts, "reencoded": reencoded, "skipped": skipped, "index": index}
 
 
-def _upload_chunk(folder: Path, remote: str, marker: bytes, keep_staging: bool) -> None:
-    """Uploads a finished chunk: shards, then its index, then the done marker; drops the staged copy."""
-    from magma_composer.data.storage import s3_client, upload_file
+def _upload_chunk(folder: Path, remote: str, marker: bytes, keep_staging: bool, replace: bool, client: Any) -> None:
+    """Uploads a finished chunk: shards, then its index, then the done marker; drops the staged copy.
 
-    client = s3_client()
+    ``replace`` first deletes what an earlier run left under ``remote`` (a chunk whose source files changed).
+    """
+    if replace:
+        remove(remote, client)
     names = sorted(n for n in os.listdir(folder) if n not in (INDEX_NAME, DONE_NAME))
     for name in names + [INDEX_NAME]:
         upload_file(str(folder / name), join_url(remote, name), client=client)
@@ -370,6 +617,11 @@ def _merged_index(markers: Sequence[dict]) -> dict:
     return {"version": 2, "shards": shards}
 
 
+def _positive_int(value: Any, flag: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConversionError(f"{flag} must be a positive integer, got {value!r}")
+
+
 def convert_image_folder(
     src: Union[str, os.PathLike],
     out: Union[str, os.PathLike],
@@ -386,11 +638,13 @@ def convert_image_folder(
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     staging: Union[str, os.PathLike] | None = None,
     keep_staging: bool = False,
+    timeout: float = 60.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Converts ``src/<class>/<image>`` files to MDS shards in ``out`` (a folder or ``s3://bucket/prefix``).
 
-    See the module docstring for the layout, the image handling, resuming and remote output.
+    See the module docstring for the layout, the image handling, the checks of the output, resuming and remote
+    output.
 
     Args:
         src: the ImageFolder tree.
@@ -402,34 +656,50 @@ def convert_image_folder(
         compression: shard compression (``'zstd'``, ``'zstd:7'``, ...); JPEG bytes gain little from it.
         hashes: hash algorithms written for every shard.
         chunk_files: files per resumable chunk.
-        skip_bad: skip unreadable images (listed in the manifest) instead of failing.
+        skip_bad: skip unreadable images and images outside class folders (listed in the manifest) instead of
+            failing.
         allow_empty_classes: keep class folders without images as classes with zero images.
         extensions: file extensions taken as images.
         staging: local folder for chunks on their way to a remote ``out`` (default: a temporary folder).
         keep_staging: keep staged chunks after their upload.
+        timeout: seconds each S3 request may wait to connect, and again for an answer (3 attempts).
         progress: show a progress bar.
 
     Returns:
         The manifest, also written to ``out/manifest.json``.
 
     Raises:
-        ConversionError: bad options or source tree, or an ``out`` that holds something else.
+        ConversionError: bad options or source tree, or an ``out`` (or ``staging``) that holds something else or
+            cannot be written.
         BadImageError: an unreadable image (without ``skip_bad``).
-        RemoteDataError: the remote store cannot be reached or written.
+        RemoteDataError: the remote store cannot be reached, does not answer within ``timeout``, or refuses.
+        OSError: a local write fails after the checks (a full disk).
     """
-    out = str(out)
-    if is_remote(out) and not out.startswith("s3://"):
-        raise ConversionError(f"--out {out!r}: the converter writes to local folders and s3:// URLs only")
-    if staging is not None and not is_remote(out):
+    src, out = os.fspath(src), os.fspath(out)
+    if not src:
+        raise ConversionError("--src is empty; give the ImageFolder tree (SRC/<class>/<image>)")
+    if is_remote(src):
+        raise ConversionError(f"--src {src} is a URL; the converter reads a local folder (SRC/<class>/<image>)")
+    if not os.path.isdir(src):
+        what = "is a file" if os.path.exists(src) else "does not exist"
+        raise ConversionError(f"--src {src} {what}; give a folder (expected SRC/<class>/<image> files)")
+    src_real = os.path.realpath(src)
+    _positive_int(workers, "--workers")
+    _positive_int(chunk_files, "--chunk-files")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ConversionError(f"--timeout must be a positive, finite number of seconds, got {timeout!r}")
+    _check_location(out, "--out", src_real)
+    remote = is_remote(out)
+    if not remote and (staging is not None or keep_staging):
         raise ConversionError(
-            "--staging is only used with a remote --out (s3://...); a local --out is written directly"
+            "--staging and --keep-staging are only used with a remote --out (s3://...); a local --out is "
+            "written directly"
         )
-    if not isinstance(workers, int) or workers < 1:
-        raise ConversionError(f"--workers must be a positive integer, got {workers!r}")
-    if not isinstance(chunk_files, int) or chunk_files < 1:
-        raise ConversionError(f"--chunk-files must be a positive integer, got {chunk_files!r}")
-    size_limit, hashes = _validate_options(resize, quality, shard_size, compression, hashes)
-    listing = list_image_folder(src, extensions, allow_empty_classes)
+    if staging is not None:
+        _check_location(os.fspath(staging), "--staging", src_real)
+        if is_remote(os.fspath(staging)):
+            raise ConversionError(f"--staging {os.fspath(staging)} must be a local folder")
+    size_limit, hashes = _validate_options(resize, quality, shard_size, compression, hashes)  # imports streaming
     options = {
         "resize": resize,
         "quality": quality,
@@ -438,11 +708,36 @@ def convert_image_folder(
         "hashes": hashes,
         "chunk_files": chunk_files,
         "extensions": sorted(extensions),
-    }  # what the shards depend on: a chunk written with other options is not reused
+    }  # what the shards depend on: a conversion with other options is not mixed in
+    record = {"format": _FORMAT, "source": src_real, "options": options}
+    out = out.rstrip("/") if remote else out  # s3://b/x/ and s3://b/x are one place
+    client = s3_client(connect_timeout=timeout, read_timeout=timeout, max_attempts=_S3_ATTEMPTS) if remote else None
+    # the outputs are checked before the listing, which takes minutes for ImageNet, and written after it
+    places = [(out, record, "--out", client)]
+    if staging is not None:  # staged chunks of this conversion only: the staging folder gets its own record
+        places.insert(0, (os.fspath(staging), {**record, "out": out}, "--staging", None))
+    for where, place_record, flag, place_client in places:  # read-only checks first, then a write probe
+        names = _check_claim(where, place_record, flag, place_client)
+        if not is_remote(where):
+            _check_writable(where, flag)
+    listing = list_image_folder(src, extensions, allow_empty_classes, skip_outside=skip_bad)
+    for where, place_record, _, place_client in places:
+        write_bytes(join_url(where, RECORD_NAME), json.dumps(place_record, indent=2).encode(), client=place_client)
+    for name in listing.outside_classes:
+        tqdm.write(f"skipped image outside any class folder: {os.path.join(src, name)}", file=sys.stderr)
     writer_kwargs = {"compression": compression, "hashes": hashes, "size_limit": size_limit}
     starts = list(range(0, len(listing.files), chunk_files))
-    remote = is_remote(out)
-    _check_out(out, len(starts))
+    published = [n for n in (INDEX_NAME, MANIFEST_NAME) if n in names]
+
+    def unpublish() -> None:  # the data set stops being readable until it is complete again
+        while published:
+            remove(join_url(out, published.pop(0)), client)
+
+    stale = [n for n in names if _chunk_number(n) is not None and _chunk_number(n) >= len(starts)]
+    if stale:  # chunks of a longer listing of this same source (files were removed since)
+        unpublish()
+        for name in stale:
+            remove(join_url(out, name), client)
     if remote:
         staging_root = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix="mds-staging-"))
         own_staging = staging is None
@@ -466,18 +761,22 @@ def convert_image_folder(
     try:
         for k, start in enumerate(starts):
             files = listing.files[start : start + chunk_files]
-            fingerprint = _fingerprint(listing, start, files, options)
+            fingerprint = _fingerprint(listing, start, len(files), options)
             name = _chunk_name(k)
-            marker = read_json(join_url(out, name, DONE_NAME))
-            if _check_marker(marker, fingerprint, join_url(out, name)):
+            marker = _read_marker(join_url(out, name, DONE_NAME), client) if name in names else None
+            if marker is not None and marker.get("fingerprint") == fingerprint:
                 markers.append(marker)
                 pbar.update(len(files))
                 if remote and not keep_staging:
                     shutil.rmtree(staging_root / name, ignore_errors=True)  # a stale staged copy
                 continue
+            if marker is not None:
+                note = f"{join_url(out, name)}: its source files changed since it was written; rewriting it"
+                tqdm.write(note, file=sys.stderr)
+            unpublish()
             folder = staging_root / name
-            local_marker = read_json(str(folder / DONE_NAME)) if remote else None
-            if remote and local_marker is not None and local_marker.get("fingerprint") == fingerprint:
+            local_marker = _read_marker(str(folder / DONE_NAME), None) if remote else None
+            if local_marker is not None and local_marker.get("fingerprint") == fingerprint:
                 marker = local_marker  # staged by an earlier run, never uploaded
                 pbar.update(len(files))
             else:
@@ -494,7 +793,8 @@ def convert_image_folder(
                 if len(pending) >= 2:  # at most two finished chunks wait on disk for their upload
                     concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
                 payload = json.dumps(marker).encode()
-                uploads.append(uploader.submit(_upload_chunk, folder, join_url(out, name), payload, keep_staging))
+                target, replace = join_url(out, name), name in names
+                uploads.append(uploader.submit(_upload_chunk, folder, target, payload, keep_staging, replace, client))
         for future in uploads:
             future.result()
     except BaseException as error:
@@ -519,7 +819,7 @@ def convert_image_folder(
         raise ConversionError(f"no readable images in {src}: all {len(skipped)} image files were skipped")
     manifest = {
         "format": _FORMAT,
-        "source": str(Path(src).resolve()),
+        "source": src_real,
         "out": out,
         "columns": COLUMNS,
         "classes": listing.classes,
@@ -529,19 +829,20 @@ def convert_image_folder(
         "reencoded": sum(m["reencoded"] for m in markers),
         "skipped": skipped,
         "num_skipped": len(skipped),
+        "outside_classes": listing.outside_classes,
         "ignored_files": listing.ignored,
         "empty_classes": listing.empty_classes,
         "chunks": len(markers),
         "options": {**options, "skip_bad": skip_bad, "allow_empty_classes": allow_empty_classes},
     }
-    write_bytes(join_url(out, INDEX_NAME), json.dumps(_merged_index(markers), sort_keys=True).encode())
-    write_bytes(join_url(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
+    write_bytes(join_url(out, INDEX_NAME), json.dumps(_merged_index(markers), sort_keys=True).encode(), client=client)
+    write_bytes(join_url(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode(), client=client)
     return manifest
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m magma_composer.data.convert",
+        prog=PROG,
         description="Convert an ImageFolder tree (SRC/<class>/<image>, ImageNet's layout) to MDS shards "
         "(columns x: JPEG bytes, y: class index, i: sample id) for StreamingImageDataset.",
         epilog=__doc__[__doc__.index("Input:") :].replace("``", ""),
@@ -551,25 +852,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder, or s3://bucket/prefix (set S3_ENDPOINT_URL)")
     parser.add_argument("--workers", type=int, default=1, help="processes that decode/encode images (default 1)")
     parser.add_argument("--resize", type=int, default=None, help="scale the shorter side to this many pixels")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images, 1-95 (default 90)")
     parser.add_argument("--shard-size", default="64mb", help="shard size limit: bytes or '64mb' (default 64mb)")
     parser.add_argument("--compression", default=None, help="shard compression, e.g. zstd (default none)")
     parser.add_argument(
         "--hashes", default=",".join(DEFAULT_HASHES), help="comma-separated shard hashes (default sha1,xxh64)"
     )
     parser.add_argument("--chunk-files", type=int, default=10000, help="files per resumable chunk (default 10000)")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images, listing them in the manifest")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable images and images outside class folders, listing them in the manifest",
+    )
     parser.add_argument(
         "--allow-empty-classes", action="store_true", help="keep class folders without images as empty classes"
     )
     parser.add_argument("--staging", default=None, help="local staging folder for a remote --out (default: temp)")
     parser.add_argument("--keep-staging", action="store_true", help="keep staged chunks after uploading them")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds an S3 request may wait to connect, and again for an answer; 3 attempts (default 60)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 for bad input, 1 for unreadable images or storage)."""
+    """Command-line entry point; returns the exit code.
+
+    Returns:
+        0 done, 1 an unreadable image or a storage error, 130 interrupted; bad input exits with 2 (argparse).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -587,15 +902,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_empty_classes=args.allow_empty_classes,
             staging=args.staging,
             keep_staging=args.keep_staging,
+            timeout=args.timeout,
             progress=not args.no_progress,
         )
     except ConversionError as error:
         parser.error(str(error))  # exits with code 2
-    except (BadImageError, RemoteDataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (BadImageError, RemoteDataError, OSError) as error:
+        message = _os_error_text(error) if isinstance(error, OSError) else str(error)
+        if isinstance(error, RemoteDataError) and is_timeout(error.__cause__):
+            message += f"; --timeout is {args.timeout:g} s: raise it if the store is only slow"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: interrupted; finished chunks are kept in {args.out}: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     for item in manifest["skipped"]:
         print(f"skipped: {item['path']}: {item['error']}")
+    for name in manifest["outside_classes"]:
+        print(f"skipped (outside any class folder): {name}")
     print(
         f"wrote {manifest['samples']} images in {len(manifest['classes'])} classes to {args.out} "
         f"({manifest['reencoded']} re-encoded, {manifest['num_skipped']} skipped); "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,11 @@ __all__ = [
     "describe_endpoint",
     "explain_s3_error",
     "is_remote",
+    "is_timeout",
     "join_url",
     "list_names",
     "read_json",
+    "remove",
     "s3_client",
     "split_s3_url",
     "upload_file",
@@ -90,13 +93,35 @@ def s3_client(connect_timeout: float = 10.0, read_timeout: float = 60.0, max_att
     config = Config(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},  # botocore's max_attempts counts retries
     )
     return boto3.session.Session().client("s3", endpoint_url=os.environ.get(ENDPOINT_ENV) or None, config=config)
 
 
-def explain_s3_error(error: BaseException, url: str, action: str) -> str:
-    """One sentence on why an S3 request for ``url`` failed, naming the endpoint, bucket and key."""
+def is_timeout(error: BaseException | None) -> bool:
+    """Whether ``error`` is an S3 request that timed out (connecting or waiting for the answer)."""
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
+
+    return isinstance(error, (ConnectTimeoutError, ReadTimeoutError)) or "timeout" in type(error).__name__.lower()
+
+
+def _limits(client: Any) -> str:
+    """``'within 2 s (connect) / 2 s (answer), 3 attempts'`` from a botocore client's configuration."""
+    config = client.meta.config
+    attempts = (config.retries or {}).get("total_max_attempts")
+    text = f"within {config.connect_timeout:g} s (connect) / {config.read_timeout:g} s (answer) per attempt"
+    return f"{text}, {attempts} attempts" if attempts else text
+
+
+def explain_s3_error(error: BaseException, url: str, action: str, client: Any = None) -> str:
+    """One sentence on why an S3 request for ``url`` failed, naming the endpoint, bucket and key.
+
+    Args:
+        error: the exception boto3 raised.
+        url: the ``s3://`` URL of the request.
+        action: what was tried (``'read'``, ``'upload x to'``), for the sentence.
+        client: the client that made the request; a timeout message then states its limits.
+    """
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
 
     bucket, key = split_s3_url(url)
@@ -119,15 +144,16 @@ def explain_s3_error(error: BaseException, url: str, action: str) -> str:
         if code in _MISSING_KEY_CODES:
             return f"cannot {action} {where}: no such object"
         return f"cannot {action} {where}: {code}: {message}"
+    if is_timeout(error):
+        limit = _limits(client) if client is not None else "in time (streaming's download_timeout sets the limit)"
+        return (
+            f"cannot {action} {where}: the S3 endpoint did not answer {limit} ({type(error).__name__}: {error}); "
+            f"is the server hung or overloaded?"
+        )
     if isinstance(error, EndpointConnectionError) or "connect" in type(error).__name__.lower():
         return (
             f"cannot {action} {where}: cannot connect to the S3 endpoint ({type(error).__name__}: {error}); is the "
             f"server running and is {ENDPOINT_ENV} right?"
-        )
-    if "timeout" in type(error).__name__.lower():
-        return (
-            f"cannot {action} {where}: the S3 endpoint did not answer in time ({type(error).__name__}: {error}); is "
-            f"the server hung or overloaded? (streaming's download_timeout sets the limit per request)"
         )
     return f"cannot {action} {where}: {type(error).__name__}: {error}"
 
@@ -150,14 +176,15 @@ def read_json(url: str, client: Any = None) -> Any | None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3_url(url)
+    client = client or s3_client()
     try:
-        body = (client or s3_client()).get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as error:
         if str(error.response.get("Error", {}).get("Code", "")) in _MISSING_KEY_CODES:
             return None
-        raise RemoteDataError(explain_s3_error(error, url, "read")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "read", client)) from error
     except BotoCoreError as error:
-        raise RemoteDataError(explain_s3_error(error, url, "read")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "read", client)) from error
     return json.loads(body)
 
 
@@ -168,16 +195,51 @@ def write_bytes(url: str, data: bytes, client: Any = None) -> None:
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing half-written behind
+            raise
         return
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3_url(url)
+    client = client or s3_client()
     try:
-        (client or s3_client()).put_object(Bucket=bucket, Key=key, Body=data)
+        client.put_object(Bucket=bucket, Key=key, Body=data)
     except (BotoCoreError, ClientError) as error:
-        raise RemoteDataError(explain_s3_error(error, url, "write")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "write", client)) from error
+
+
+def remove(url: str, client: Any = None) -> None:
+    """Deletes a local file or folder, or the ``s3://`` object ``url`` and every object under ``url/``.
+
+    Nothing there is not an error.
+
+    Raises:
+        RemoteDataError: an S3 request fails, naming the endpoint.
+    """
+    _check_scheme(url)
+    if not is_remote(url):
+        if os.path.isdir(url) and not os.path.islink(url):
+            shutil.rmtree(url)
+        elif os.path.lexists(url):
+            os.unlink(url)
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3_url(url)
+    client = client or s3_client()
+    try:
+        keys = [key]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{key.rstrip('/')}/"):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    except (BotoCoreError, ClientError) as error:
+        raise RemoteDataError(explain_s3_error(error, url, "delete", client)) from error
 
 
 def upload_file(local: str, url: str, client: Any = None) -> None:
@@ -185,12 +247,14 @@ def upload_file(local: str, url: str, client: Any = None) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3_url(url)
+    client = client or s3_client()
     try:
-        (client or s3_client()).upload_file(local, bucket, key)
+        client.upload_file(local, bucket, key)
     except (BotoCoreError, ClientError) as error:
-        raise RemoteDataError(explain_s3_error(error, url, f"upload {local} to")) from error
+        raise RemoteDataError(explain_s3_error(error, url, f"upload {local} to", client)) from error
     except Exception as error:  # boto3's transfer manager wraps failures in S3UploadFailedError
-        raise RemoteDataError(explain_s3_error(error.__cause__ or error, url, f"upload {local} to")) from error
+        cause = error.__cause__ or error
+        raise RemoteDataError(explain_s3_error(cause, url, f"upload {local} to", client)) from error
 
 
 def list_names(url: str, client: Any = None) -> list[str]:
@@ -216,7 +280,7 @@ def list_names(url: str, client: Any = None) -> list[str]:
             names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
             names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
     except (BotoCoreError, ClientError) as error:
-        raise RemoteDataError(explain_s3_error(error, url, "list")) from error
+        raise RemoteDataError(explain_s3_error(error, url, "list", client)) from error
     return sorted(names)
 
 
@@ -308,8 +372,8 @@ def check_remote(remote: str | None, split: str | None = None, timeout: float = 
     try:
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except (BotoCoreError, ClientError) as error:
-        message = explain_s3_error(error, url, "read the MDS index")
-        code = str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+        message = explain_s3_error(error, url, "read the MDS index", client)
+        code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))  # timeouts: None
         if code in _MISSING_KEY_CODES:
             message += f"; no MDS data set there ({_nearest_listing(client, bucket, posixpath.dirname(key))})"
         raise RemoteDataError(message) from error
