@@ -99,6 +99,7 @@ def run_cli(demo_mds, tmp_path, capsys):
         ("train_data.shard_deadline=0", "train_data.shard_deadline: must be > 0.0"),
         ("train_data.download_threads=0", "train_data.download_threads: must be >= 1"),
         ("train_data.download_timeout=-1", "train_data.download_timeout: must be > 0.0"),
+        ("train_data.download_retry=0", "train_data.download_retry: must be >= 1"),
         ("train_data.validate_hash=bogus", "train_data.validate_hash: 'bogus' is not valid"),
         ("train_data.split=nosuchsplit", "train_data: no MDS data set at"),
         ("train_data.remote=s3://", "train_data.remote: 's3://' names no bucket"),

@@ -225,7 +225,7 @@ class CheckedStreamingDataset(StreamingDataset):
             check_number("download_timeout", kwargs["download_timeout"], 0.0, open_min=True)
         for key in ("download_retry", "predownload", "num_canonical_nodes", "batch_size", "shuffle_block_size"):
             if kwargs.get(key) is not None:
-                check_int(key, kwargs[key], 0 if key in ("download_retry", "predownload") else 1)
+                check_int(key, kwargs[key], 0 if key == "predownload" else 1)
         if "shuffle_algo" in kwargs:
             from streaming.base.shuffle import algos
 
@@ -236,7 +236,9 @@ class CheckedStreamingDataset(StreamingDataset):
             check_choice("validate_hash", validate_hash, ("auto", None, *sorted(get_hashes())))
         if kwargs.get("streams") is None:
             remote, local, split = kwargs.get("remote"), kwargs.get("local"), kwargs.get("split")
-            summary = check_remote(remote if remote is not None else local, split)
+            summary = check_remote(
+                remote if remote is not None else local, split, timeout=min(10.0, kwargs.get("download_timeout", 10.0))
+            )
             if validate_hash == "auto":
                 hashes = summary.get("hashes") or []
                 validate_hash = "xxh64" if "xxh64" in hashes else (hashes[0] if hashes else None)
