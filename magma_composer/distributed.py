@@ -21,23 +21,16 @@ holds unless a custom sampler hands ranks different batch sizes.
 from __future__ import annotations
 
 import torch
-import torch.distributed as torch_dist
+from composer.utils import dist
 
-__all__ = ["all_gather_with_grad", "world_size"]
-
-
-def world_size() -> int:
-    """The number of ranks in the default process group (1 when not distributed)."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_world_size()
-    return 1
+__all__ = ["all_gather_with_grad"]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates ``tensor`` from every rank along dim 0, keeping the gradient path to each rank's rows.
 
-    Rank ``r``'s rows come ``r``-th. Without an initialised process group (or with one rank) this is the
-    identity.
+    Rank ``r``'s rows come ``r``-th. With one rank (``composer.utils.dist.get_world_size() == 1``) this is
+    the identity; with several, the default process group must be initialised (the Trainer does it).
 
     Args:
         tensor (torch.Tensor): ``b x ...``, the same shape on every rank.
@@ -45,7 +38,7 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     Returns:
         torch.Tensor: ``(N * b) x ...``.
     """
-    if world_size() == 1:
+    if dist.get_world_size() == 1:
         return tensor
     from torch.distributed.nn.functional import all_gather
 

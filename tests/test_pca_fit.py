@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ from PIL import Image
 from streaming import MDSWriter
 
 from magma_composer.data.transforms import eval_transform
+from magma_composer.options import OptionError
 from magma_composer.pca import PCABasis, fit_basis, fit_pca, load_basis, save_basis
 from magma_composer.pca.__main__ import main as pca_main
+from magma_composer.pca.basis import BASIS_FORMAT, _write_payload
 from magma_composer.pca.source import split_shards
 from tests.conftest import free_port
 from tests.s3_server import moto_server, s3  # noqa: F401  (fixtures)
@@ -112,12 +115,27 @@ def test_constant_pixels_are_kept_out_of_the_variance():
 
 def test_fit_arguments_are_checked():
     x = planted(n=20, size=4, rank=3, noise=0.05)
-    with pytest.raises(ValueError, match="components.*required"):
+    with pytest.raises(OptionError, match="components: is required for the randomized method") as e:
         fit_pca(lambda: x.split(8), 4, method="randomized", progress=False)
-    with pytest.raises(ValueError, match=r"components must be an int in \[1, D=48\]"):
+    assert e.value.key == "components"
+    with pytest.raises(OptionError, match=r"components: must be at most D = channels x image_size\^2 = 48, got 49"):
         fit_pca(lambda: x.split(8), 4, components=49, progress=False)
-    with pytest.raises(ValueError, match="method='svd' is not valid"):
+    with pytest.raises(OptionError, match="method: 'svd' is not valid"):
         fit_pca(lambda: x.split(8), 4, method="svd", progress=False)
+    for key, kwargs in [
+        ("image_size", {"image_size": 0}),
+        ("channels", {"channels": 0}),
+        ("components", {"components": 0}),
+        ("components", {"components": 2.5}),
+        ("power_iters", {"power_iters": -1}),
+        ("oversample", {"oversample": -1}),
+        ("seed", {"seed": "zero"}),
+        ("device", {"device": "bogus"}),
+        ("device", {"device": "mps"}),
+    ]:
+        with pytest.raises(OptionError) as e:
+            fit_pca(lambda: pytest.fail("read a batch before checking the options"), **{"image_size": 4, **kwargs})
+        assert e.value.key == key
     with pytest.raises(ValueError, match="at least 2 images"):
         fit_pca(lambda: x[:1].split(8), 4, progress=False)
     with pytest.raises(ValueError, match="images have 48 values each, but channels \\* image_size\\^2 = 75"):
@@ -226,8 +244,8 @@ def test_cli_fit_and_info(jpeg_mds, tmp_path, capsys):
     capsys.readouterr()
     assert pca_main(["info", str(out)]) == 0
     assert "K=8" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="no MDS index"):
-        pca_main(["fit", "--data", str(tmp_path), "--image-size", "16", "--out", str(tmp_path / "x.pt")])
+    assert pca_main(["fit", "--data", str(tmp_path), "--image-size", "16", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "error: --data: no MDS data set at" in capsys.readouterr().err
 
 
 def test_two_ranks_read_disjoint_shards_and_agree_with_one(jpeg_mds, tmp_path):
@@ -288,14 +306,15 @@ def test_load_errors_are_clear(small_basis, tmp_path):
     data = Path(small_basis.path).read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="corrupted"):
+    with pytest.raises(ValueError, match=f"'{truncated}' is not a PCA basis file .*, or it is truncated"):
         load_basis(truncated)
     payload = torch.load(small_basis.path, weights_only=True)
-    payload["components"][3, 2] += 1e-3  # one value edited, hash left as it was
+    payload["components"][3, 2] += 1e-3  # one value edited, content hash left as it was, file checksum redone
     tampered = tmp_path / "tampered.pt"
-    torch.save(payload, tampered)
-    with pytest.raises(ValueError, match="corrupted: its content hashes to"):
+    _write_payload(payload, tampered, overwrite=False)
+    with pytest.raises(ValueError, match=f"'{tampered}' is corrupted: its content hashes to"):
         load_basis(tampered)
+    assert torch.load(tampered, weights_only=True)["format"] == BASIS_FORMAT  # still a plain torch.save archive
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a PCA basis file"):
         load_basis(tmp_path / "other.pt")
@@ -303,3 +322,79 @@ def test_load_errors_are_clear(small_basis, tmp_path):
         load_basis(small_basis.path, expected_image_size=32)
     with pytest.raises(ValueError, match="uses 1 x 4 x 4"):
         load_basis(small_basis.path, expected_channels=1)
+
+
+@pytest.mark.parametrize("size", ["whole", "truncated-by-1", "truncated-to-zip", "empty"])
+def test_truncated_files_are_refused_with_their_path(small_basis, tmp_path, size):
+    data = Path(small_basis.path).read_bytes()
+    cut = {"whole": len(data), "truncated-by-1": len(data) - 1, "truncated-to-zip": len(data) - 96, "empty": 0}[size]
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[:cut])
+    if size == "whole":
+        assert load_basis(path).sha256 == small_basis.sha256
+        return
+    with pytest.raises(ValueError, match=f"'{path}' .*truncated"):
+        load_basis(path)
+
+
+def test_every_single_byte_alteration_is_refused_with_the_path(small_basis, tmp_path):
+    """torch's zip reader ignores many header bytes (about 30% of one-bit flips load fine): the file checksum
+    catches every one."""
+    data = Path(small_basis.path).read_bytes()
+    path = tmp_path / "edited.pt"
+    accepted = []
+    for pos in range(len(data)):
+        edited = bytearray(data)
+        edited[pos] ^= 0x01 if pos % 2 else 0xFF
+        path.write_bytes(bytes(edited))
+        try:
+            load_basis(path)
+            accepted.append(pos)
+        except ValueError as e:
+            assert f"'{path}'" in str(e)
+    assert accepted == []
+
+
+def test_save_refuses_an_existing_file_unless_overwrite(small_basis, tmp_path):
+    path = Path(small_basis.path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_basis(small_basis, path)
+    assert path.read_bytes() == before
+    other = replace(small_basis, num_images=51)
+    assert save_basis(other, path, overwrite=True).sha256 == load_basis(path).sha256 != small_basis.sha256
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_basis(small_basis, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]
+
+
+def test_a_file_that_appears_during_the_write_is_kept(small_basis, tmp_path):
+    """The no-overwrite publish is atomic (a hard link): a file made meanwhile by someone else survives."""
+    theirs = tmp_path / "theirs.pt"
+    theirs.write_bytes(b"someone else's basis")
+    payload = torch.load(small_basis.path, weights_only=True)
+    with pytest.raises(FileExistsError, match="appeared while the basis was being made") as e:
+        _write_payload(payload, theirs, overwrite=False)
+    assert theirs.read_bytes() == b"someone else's basis"
+    kept = tmp_path / f"theirs.{payload['sha256'][:12]}.pt"
+    assert str(kept) in str(e.value) and load_basis(kept).sha256 == small_basis.sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["b.pt", "theirs.pt", kept.name])
+
+
+def test_fit_basis_checks_out_before_reading_the_data(tmp_path):
+    (tmp_path / "taken.pt").write_bytes(b"x")
+    with pytest.raises(OptionError, match="already exists") as e:
+        fit_basis("/nonexistent/data", image_size=8, out=tmp_path / "taken.pt", progress=False)
+    assert e.value.key == "out"
+    with pytest.raises(OptionError, match="no MDS data set at /nonexistent/data") as e:
+        fit_basis("/nonexistent/data", image_size=8, out=tmp_path / "new.pt", progress=False)
+    assert e.value.key == "data" and sorted(p.name for p in tmp_path.iterdir()) == ["taken.pt"]
+    for key, kwargs in [
+        ("batch_size", {"batch_size": 0}),
+        ("max_images", {"max_images": 1}),
+        ("num_workers", {"num_workers": -1}),
+        ("overwrite", {"overwrite": "yes"}),
+    ]:
+        with pytest.raises(OptionError) as e:
+            fit_basis("/nonexistent/data", image_size=8, progress=False, **kwargs)
+        assert e.value.key == key

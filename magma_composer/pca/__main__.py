@@ -6,20 +6,31 @@ Examples:
         --components 2048 --max-images 200000 --num-workers 8 --out in1k-224-k2048.pt
     composer -n 8 -m magma_composer.pca fit ...      # each rank reads its own shards
     python -m magma_composer.pca info c10-32.pt
+
+Exit status: 0 on success; 2 for a bad command line (any option, ``--data``/``--split`` that do not name a
+readable MDS data set, an ``--out`` that is a directory, cannot be written or exists without ``--overwrite``,
+an ``info`` file that is missing, not a basis or corrupted), found before any image is read; 1 when the work
+fails (a shard cannot be read, the images are unusable, the file cannot be written). Either way the error is
+one line, ``<prog>: error: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+from composer.devices import DeviceGPU
+from composer.utils import dist
 
+from magma_composer.options import OptionError, check_number
 from magma_composer.pca.basis import load_basis
-from magma_composer.pca.fit import METHODS, fit_basis
+from magma_composer.pca.fit import METHODS, fit_basis, resolve_device
+
+#: Seconds a rank waits in a collective for the others (ranks stream their own shards between collectives).
+DIST_TIMEOUT = 1800.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--split", default=None, help="sub-folder of --data, e.g. train")
     fit.add_argument("--image-size", type=int, required=True, help="image side S in pixels (D = 3 S^2)")
     fit.add_argument("--components", type=int, default=None, help="K (default min(N, D) for the exact method)")
-    fit.add_argument("--out", required=True, help="basis file to write (.pt)")
-    fit.add_argument("--method", choices=METHODS, default="auto", help="exact up to D = 16,384 with auto")
+    fit.add_argument("--out", required=True, help="basis file to write (.pt); an existing file needs --overwrite")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    fit.add_argument("--method", default="auto", help=f"one of {', '.join(METHODS)}; auto is exact up to D = 16,384")
     fit.add_argument("--batch-size", type=int, default=256)
     fit.add_argument("--max-images", type=int, default=None, help="use only the first N images")
     fit.add_argument("--oversample", type=int, default=None, help="randomized: extra directions (max(16, K/10))")
@@ -40,29 +52,31 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--num-workers", type=int, default=0, help="JPEG-decoding processes per rank")
     fit.add_argument("--local", default=None, help="cache folder for remote shards")
     fit.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    fit.add_argument(
+        "--dist-timeout", type=float, default=DIST_TIMEOUT, help="seconds a rank waits for the others (several ranks)"
+    )
     fit.add_argument("--no-progress", action="store_true", help="no progress bars")
     info = sub.add_parser("info", help="check a basis file and print what it holds")
     info.add_argument("basis")
     return parser
 
 
-def _init_distributed() -> bool:
-    """Joins the process group when launched by ``composer -n N`` / ``torchrun`` (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+def _init_distributed(device: torch.device, timeout: float) -> bool:
+    """Joins the process group when launched by ``composer -n N`` / ``torchrun`` (WORLD_SIZE > 1).
+
+    Returns:
+        bool: whether this call initialised it (and should tear it down).
+    """
+    check_number("dist_timeout", timeout, 0.0, open_min=True)
+    if dist.get_world_size() <= 1 or dist.is_initialized():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    # TF32 would round the fit's float32 products to 10 mantissa bits
+    dist.initialize_dist(DeviceGPU(allow_tf32=False) if device.type == "cuda" else "cpu", timeout=timeout)
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "info":
-        print(load_basis(args.basis).summary())
-        return 0
-    started = _init_distributed()
+def _fit(args: argparse.Namespace) -> int:
+    started = _init_distributed(resolve_device(args.device), args.dist_timeout)
     try:
         basis = fit_basis(
             args.data,
@@ -80,13 +94,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             local=args.local,
             device=args.device,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     finally:
         if started:
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
+            # torch 2.7's gloo group joins its threads holding the GIL, which a thread still releasing the last
+            # collective's tensors needs (pytorch#154976): let it finish first, or the rank hangs at exit
+            time.sleep(0.2)
+            torch.distributed.destroy_process_group()
+    if dist.get_global_rank() == 0:
         print(f"{args.out}: {basis.summary()}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (argparse itself exits with 2 on unparsable input)."""
+    args = _parser().parse_args(argv)
+    prog = f"python -m magma_composer.pca {args.command}"
+    try:
+        if args.command == "info":
+            try:
+                print(load_basis(args.basis).summary())
+            except (OSError, ValueError) as e:  # the file named on the command line is unusable
+                raise OptionError("basis", str(e)) from e
+            return 0
+        return _fit(args)
+    except OptionError as e:
+        if dist.get_global_rank() == 0:  # every rank refuses the same input; one line is enough
+            flag = "" if e.key == "basis" else f"--{e.key.replace('_', '-')}: "
+            print(f"{prog}: error: {flag}{e.message}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as e:  # the work failed: storage, data, the device
+        where = f" (rank {dist.get_global_rank()})" if dist.get_world_size() > 1 else ""
+        print(f"{prog}: error{where}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,28 +1,36 @@
 """The PCA basis file: per-pixel standardisation, top-K eigenvectors and their variance ratios.
 
 A basis is fitted once per data set and image size (``python -m magma_composer.pca fit``) and read by
-:class:`~magma_composer.algorithms.pca_masking.PCAMasking`. The file is a plain ``torch.save`` dict of
-tensors, numbers and strings (loadable with ``weights_only=True``) with a sha256 over its content, so a
-truncated or edited file is caught on load rather than silently training on a wrong basis.
+:class:`~magma_composer.algorithms.pca_masking.PCAMasking`. The file is a ``torch.save`` dict of tensors,
+numbers and strings (loadable with ``weights_only=True``) that holds a sha256 of its content (the basis's
+identity) and ends with a sha256 of all its bytes (the zip archive's comment), so a truncated file or one
+with any byte altered is refused on load, naming the file, rather than silently training on a wrong basis.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["BASIS_FORMAT", "PCABasis", "basis_sha256", "load_basis", "save_basis"]
+__all__ = ["BASIS_FORMAT", "PCABasis", "basis_sha256", "check_output_path", "load_basis", "save_basis"]
 
 #: The ``format`` tag stored in every basis file.
 BASIS_FORMAT = "magma_composer.pca_basis/1"
 
 _ARRAYS = ("mean", "std", "components", "eigenvalues", "ratios")
 _META = ("image_size", "channels", "num_images", "total_variance", "method")
+
+#: The file ends with this and the hex sha256 of every byte before it (the zip archive's comment).
+_TRAILER_PREFIX = b"magma_composer.pca_basis sha256="
+_TRAILER_SIZE = len(_TRAILER_PREFIX) + 64
+#: A zip end-of-central-directory record without a comment.
+_EOCD_SIZE = 22
 
 
 @dataclass(frozen=True)
@@ -104,18 +112,179 @@ def basis_sha256(basis: PCABasis) -> str:
     return h.hexdigest()
 
 
-def save_basis(basis: PCABasis, path: str | os.PathLike) -> PCABasis:
-    """Writes ``basis`` to ``path`` (atomically: a temporary file, then a rename); returns it with hash and path."""
-    path = Path(path)
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Checks, before any work, that a file can be written at ``path``; returns it as a ``Path``.
+
+    Nothing is created: the nearest existing folder above ``path`` is tested by creating and removing an
+    empty temporary file in it (the only test that holds for every user, root included, and every file
+    system, read-only mounts included).
+
+    Args:
+        path (str | PathLike): the file to write.
+        overwrite (bool): whether an existing file at ``path`` may be replaced.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        NotADirectoryError: a component of the parent path is a file.
+        PermissionError: the folder cannot be written (read-only, no permission, ...).
+    """
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory; name a file in it, e.g. {str(path / 'basis.pt')!r}")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(
+                f"{str(path)!r} already exists; it is kept unless overwrite is set (--overwrite on the command line)"
+            )
+        if path.exists() and not path.is_file():
+            raise FileExistsError(f"{str(path)!r} exists and is not a regular file; it is never replaced")
+    folder = path.absolute().parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    try:
+        tmp, fd = _create_temporary(folder, ".write-check")
+    except OSError as e:
+        raise PermissionError(
+            f"cannot write {str(path)!r}: the folder {str(folder)!r} is not writable ({e.strerror or e})"
+        ) from e
+    os.close(fd)
+    tmp.unlink()
+    return path
+
+
+def _create_temporary(folder: Path, name: str) -> tuple[Path, int]:
+    """A new empty file ``folder/.<name>.<random>.tmp`` (mode 0666 less the umask) and its open descriptor."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # a name already taken: draw another
+            continue
+
+
+def _seal(f: BinaryIO) -> None:
+    """Appends the file checksum to a zip archive written by ``torch.save``: it becomes the archive's comment.
+
+    The comment length in the end-of-central-directory record is set first, so the checksum covers every
+    byte before it, and the file stays a zip archive that ``torch.load`` reads as it is.
+    """
+    f.seek(-_EOCD_SIZE, os.SEEK_END)
+    eocd = f.read(_EOCD_SIZE)
+    if eocd[:4] != b"PK\x05\x06" or eocd[-2:] != b"\0\0":
+        raise RuntimeError("torch.save did not end its archive with a plain end-of-central-directory record")
+    f.seek(-2, os.SEEK_END)
+    f.write(_TRAILER_SIZE.to_bytes(2, "little"))
+    f.seek(0)
+    digest = _file_digest(f, None)
+    f.seek(0, os.SEEK_END)
+    f.write(_TRAILER_PREFIX + digest.encode())
+
+
+def _file_digest(f: BinaryIO, size: int | None) -> str:
+    """sha256 of the next ``size`` bytes of ``f`` (all that is left if ``None``), read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    while size is None or size > 0:
+        chunk = f.read(1 << 24 if size is None else min(1 << 24, size))
+        if not chunk:
+            break
+        h.update(chunk)
+        if size is not None:
+            size -= len(chunk)
+    return h.hexdigest()
+
+
+def _write_payload(payload: dict[str, Any], path: Path, overwrite: bool) -> Path:
+    """Writes ``payload`` with its checksum to ``path`` through a temporary file in the same folder.
+
+    Without ``overwrite``, a file that appeared at ``path`` meanwhile is kept: the new file goes beside it.
+    Any failure removes the temporary file.
+
+    Returns:
+        Path: where the file was written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, fd = _create_temporary(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            torch.save(payload, f)
+            f.flush()
+            _seal(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)  # fails if the name is taken: never replace a file this call did not check
+        except FileExistsError:
+            kept = path.with_name(f"{path.stem}.{payload['sha256'][:12]}{path.suffix}")
+            os.replace(tmp, kept)
+            raise FileExistsError(
+                f"{str(path)!r} appeared while the basis was being made and is kept as it was; the new basis was "
+                f"written to {str(kept)!r}"
+            ) from None
+        except OSError:  # a file system without hard links: a plain rename, after one more look
+            if path.exists() or path.is_symlink():
+                raise FileExistsError(f"{str(path)!r} appeared while the basis was being made") from None
+            os.replace(tmp, path)
+            return path
+        tmp.unlink()
+        return path
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_basis(basis: PCABasis, path: str | os.PathLike, overwrite: bool = False) -> PCABasis:
+    """Writes ``basis`` to ``path``; returns it with its hash and path set.
+
+    The file is written whole or not at all (a temporary file in the same folder, then a rename; a failed
+    write removes the temporary file) and ends with a sha256 of its bytes, which :func:`load_basis` checks.
+
+    Args:
+        basis (PCABasis): the basis.
+        path (str | PathLike): the file to write (missing folders are created).
+        overwrite (bool): replace an existing file at ``path``. Default: ``False``.
+
+    Raises:
+        FileExistsError: ``path`` exists (or appeared while writing) and ``overwrite`` is false.
+        IsADirectoryError, NotADirectoryError, PermissionError: see :func:`check_output_path`.
+        OSError: the write failed (disk full, ...); nothing is left behind.
+    """
+    path = check_output_path(path, overwrite)
     basis = replace(basis.with_hash(), path=str(path))
     payload: dict[str, Any] = {"format": BASIS_FORMAT, "sha256": basis.sha256}
     payload.update({name: getattr(basis, name).detach().cpu().contiguous() for name in _ARRAYS})
     payload.update({name: getattr(basis, name) for name in _META})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    _write_payload(payload, path, overwrite)
     return basis
+
+
+def _verify_checksum(path: Path) -> None:
+    """Raises ``ValueError`` naming ``path`` unless the file ends with a checksum that matches its bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size >= _TRAILER_SIZE + _EOCD_SIZE:
+            f.seek(size - _TRAILER_SIZE)
+            trailer = f.read(_TRAILER_SIZE)
+        else:
+            trailer = b""
+        if not trailer.startswith(_TRAILER_PREFIX):
+            raise ValueError(
+                f"{str(path)!r} is not a PCA basis file written by magma_composer, or it is truncated: it does not "
+                "end with a basis checksum; fit the basis again (python -m magma_composer.pca fit ...)"
+            )
+        f.seek(0)
+        actual = _file_digest(f, size - _TRAILER_SIZE)
+    recorded = trailer[len(_TRAILER_PREFIX) :].decode("ascii", errors="replace")
+    if actual != recorded:
+        raise ValueError(
+            f"PCA basis file {str(path)!r} is corrupted: its bytes hash to {actual[:16]}..., but its checksum "
+            f"records {recorded[:16]}...; fit the basis again"
+        )
 
 
 def load_basis(
@@ -123,7 +292,7 @@ def load_basis(
     expected_image_size: int | None = None,
     expected_channels: int | None = None,
 ) -> PCABasis:
-    """Reads a basis written by :func:`save_basis` and checks its hash (and, if given, its image shape).
+    """Reads a basis written by :func:`save_basis`, checking its checksum, its content hash and its image shape.
 
     Args:
         path (str | PathLike | PCABasis): the basis file (an in-memory basis is returned with its hash set).
@@ -132,22 +301,24 @@ def load_basis(
 
     Raises:
         FileNotFoundError: if there is no file at ``path``.
-        ValueError: if the file is not a basis file, is corrupted (unreadable or its content does not match
-            its hash), or was fitted at another image size or channel count.
+        ValueError: if the file is not a basis file, is corrupted (truncated, any byte altered, or its content
+            does not match its hash), or was fitted at another image size or channel count.
     """
     if isinstance(path, PCABasis):
         basis = path if path.sha256 else path.with_hash()
     else:
-        path = Path(path)
+        path = Path(os.fspath(path))
         if not path.is_file():
+            what = "is a directory, not a basis file" if path.is_dir() else "does not exist"
             raise FileNotFoundError(
-                f"PCA basis file {str(path)!r} does not exist: fit one with "
+                f"PCA basis file {str(path)!r} {what}: fit one with "
                 "`python -m magma_composer.pca fit --data ... --image-size ... --components ... --out "
                 f"{path}`"
             )
+        _verify_checksum(path)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for truncated or foreign files
+        except Exception as e:  # torch raises several types for foreign content
             raise ValueError(f"PCA basis file {str(path)!r} is corrupted or not a basis file ({e})") from e
         if not isinstance(payload, dict) or payload.get("format") != BASIS_FORMAT:
             found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__

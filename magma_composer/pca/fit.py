@@ -27,14 +27,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 
 import torch
-import torch.distributed as dist
+from composer.utils import dist
 from tqdm.auto import tqdm
 
-from magma_composer.pca.basis import PCABasis, save_basis
+from magma_composer.options import OptionError, check_choice, check_int
+from magma_composer.pca.basis import PCABasis, check_output_path, save_basis
 
-__all__ = ["EXACT_MAX_DIM", "METHODS", "fit_basis", "fit_pca"]
+__all__ = ["EXACT_MAX_DIM", "METHODS", "fit_basis", "fit_pca", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +50,11 @@ _CONSTANT_VAR = 1e-12
 Batches = Callable[[], Iterable[torch.Tensor]]
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(*tensors: torch.Tensor) -> None:
-    if _distributed():
-        for t in tensors:
-            dist.all_reduce(t)
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
-
-
-def _is_rank_zero() -> bool:
-    return not _distributed() or dist.get_rank() == 0
-
-
 def _passes(
     batches: Batches, dim: int, device: torch.device, desc: str, total: int | None, progress: bool
 ) -> Iterator[torch.Tensor]:
     """One pass over the data: float32 ``b x D`` batches on ``device``, with a progress bar on rank 0."""
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and _is_rank_zero()), leave=False)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and dist.get_global_rank() == 0), leave=False)
     for batch in batches():
         batch = batch.to(device, torch.float32, non_blocking=True).reshape(batch.shape[0], -1)
         if batch.shape[1] != dim:
@@ -93,13 +75,72 @@ def _stats(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.T
     return mean, var, std
 
 
-def _check_components(components: int | None, dim: int, method: str) -> None:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device the products run on: ``device`` checked, or CUDA when available (else the CPU).
+
+    Raises:
+        OptionError: ``device`` is not a device name, not ``cpu``/``cuda``, or names a GPU that is not there.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError("device", f"{device!r} is not a device; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError("device", f"{device!r}: no CUDA GPU is available here; use 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise OptionError("device", f"{device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+        if resolved.index is not None and dist.get_world_size() > 1:
+            raise OptionError(
+                "device", f"{device!r}: with several ranks give 'cuda': each rank uses its LOCAL_RANK's GPU"
+            )
+    elif resolved.type != "cpu":
+        raise OptionError("device", f"{device!r}: only 'cpu' and 'cuda' are supported")
+    return resolved
+
+
+def _check_options(
+    image_size: int,
+    channels: int,
+    components: int | None,
+    method: str,
+    oversample: int | None,
+    power_iters: int,
+    seed: int,
+    device: str | torch.device | None,
+) -> tuple[int, str, int, torch.device]:
+    """Checks the options of :func:`fit_pca`; returns ``(D, method, oversample, device)`` with defaults resolved.
+
+    Raises:
+        OptionError: an option is invalid; its ``key`` is the argument's name.
+    """
+    check_int("image_size", image_size, 1)
+    check_int("channels", channels, 1)
+    dim = channels * image_size**2
+    check_choice("method", method, METHODS)
+    if method == "auto":
+        method = "exact" if dim <= EXACT_MAX_DIM else "randomized"
     if components is None:
         if method == "randomized":
-            raise ValueError("components (K) is required for the randomized method (e.g. --components 1024)")
-        return
-    if isinstance(components, bool) or not isinstance(components, int) or not 1 <= components <= dim:
-        raise ValueError(f"components must be an int in [1, D={dim}], got {components!r}")
+            raise OptionError("components", "is required for the randomized method (e.g. --components 1024)")
+    else:
+        check_int("components", components, 1)
+        if components > dim:
+            raise OptionError("components", f"must be at most D = channels x image_size^2 = {dim}, got {components}")
+    if method == "exact" and dim > 4 * EXACT_MAX_DIM:
+        raise OptionError(
+            "method",
+            f"the exact method needs a D x D float64 matrix, {dim**2 * 8 / 2**30:.0f} GiB at D={dim}: use "
+            "method='randomized' (--method randomized) with a number of components",
+        )
+    check_int("power_iters", power_iters, 0)
+    if oversample is None:
+        oversample = max(16, (components or 0) // 10)
+    check_int("oversample", oversample, 0)
+    check_int("seed", seed, -(2**63), 2**64 - 1)
+    return dim, method, oversample, resolve_device(device)
 
 
 def _fit_exact(
@@ -113,7 +154,8 @@ def _fit_exact(
         n += x.shape[0]
         s1 += x.sum(0)
         sxx.addmm_(x.T, x)
-    _all_reduce(n, s1, sxx)
+    for t in (n, s1, sxx):
+        dist.all_reduce(t)
     mean, var, std = _stats(n, s1, torch.diagonal(sxx).clone())
     count = float(n.item())
     cov = sxx.div_(count).sub_(torch.outer(mean, mean))  # covariance of x, in place
@@ -127,8 +169,10 @@ def _fit_exact(
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
-    q, _ = torch.linalg.qr(y)
-    return _broadcast(q.contiguous())
+    """An orthonormal basis of ``y``'s columns, rank 0's on every rank (QR can differ in the last bits)."""
+    q = torch.linalg.qr(y)[0].contiguous()
+    dist.broadcast(q, src=0)
+    return q
 
 
 def _fit_randomized(
@@ -157,7 +201,8 @@ def _fit_randomized(
         s1 += x64.sum(0)
         s2 += (x64 * x64).sum(0)
         y.add_(x.T @ (x @ omega))  # float32 product, float64 sum
-    _all_reduce(n, s1, s2, y)
+    for t in (n, s1, s2, y):
+        dist.all_reduce(t)
     mean, var, std = _stats(n, s1, s2)
     count = float(n.item())
     # C_z (std * omega) = (E[x x^T] omega - mean (mean^T omega)) / std
@@ -173,7 +218,7 @@ def _fit_randomized(
         for x in _passes(batches, dim, device, desc, total, progress):
             z = (x - mean32) * inv_std32
             y.add_(z.T @ (z @ q32))
-        _all_reduce(y)
+        dist.all_reduce(y)
         y.div_(count)  # y = C q
         if it < power_iters:
             q = _orthonormal(y)
@@ -223,40 +268,52 @@ def fit_pca(
         batches (Callable[[], Iterable[torch.Tensor]]): returns a fresh iterator over this rank's images at
             each call (one call per pass): ``b x D`` (or ``b x C x S x S``) tensors of pixels in [0, 1],
             flattened in C, H, W order.
-        image_size (int): image side ``S``.
-        channels (int): image channels ``C``; ``D = C * S * S``.
-        components (int, optional): ``K``; default ``min(N, D)`` for the exact method (required otherwise).
+        image_size (int): image side ``S``, ``>= 1``.
+        channels (int): image channels ``C``, ``>= 1``; ``D = C * S * S``.
+        components (int, optional): ``K`` in ``[1, D]``; default ``min(N, D)`` for the exact method (required
+            otherwise).
         method (str): ``'exact'``, ``'randomized'`` or ``'auto'`` (exact up to ``D = 16,384``).
-        oversample (int, optional): extra random directions for the randomized method; default
+        oversample (int, optional): extra random directions for the randomized method, ``>= 0``; default
             ``max(16, K // 10)``.
-        power_iters (int): power iterations of the randomized method (passes over the data: ``2 + power_iters``).
+        power_iters (int): power iterations of the randomized method, ``>= 0`` (passes over the data:
+            ``2 + power_iters``).
         seed (int): seed of the random start block.
-        device (str | torch.device, optional): where the products run; default CUDA when available.
+        device (str | torch.device, optional): ``'cpu'`` or ``'cuda'``, where the products run; default CUDA
+            when available.
         total (int, optional): images per pass on this rank, for the progress bar.
         progress (bool): show progress bars (rank 0 only).
 
     Returns:
         PCABasis: the basis (not yet saved; its hash is set).
-    """
-    dim = int(channels) * int(image_size) ** 2
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not valid; choose one of {METHODS}")
-    if method == "auto":
-        method = "exact" if dim <= EXACT_MAX_DIM else "randomized"
-    _check_components(components, dim, method)
-    if method == "exact" and dim > 4 * EXACT_MAX_DIM:
-        raise ValueError(
-            f"the exact method needs a D x D float64 matrix, {dim**2 * 8 / 2**30:.0f} GiB at D={dim}: use "
-            "method='randomized' (--method randomized) with a number of components"
-        )
-    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
-        raise ValueError(f"power_iters must be an int >= 0, got {power_iters!r}")
-    if oversample is None:
-        oversample = max(16, (components or 0) // 10)
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    Raises:
+        OptionError: an option is invalid (a ``ValueError`` whose ``key`` names the argument), checked before
+            the first batch is read.
+        ValueError: the images are unusable (fewer than 2, wrong size, or every pixel constant).
+    """
+    dim, method, oversample, device = _check_options(
+        image_size, channels, components, method, oversample, power_iters, seed, device
+    )
+    return _fit(
+        batches, image_size, channels, dim, components, method, oversample, power_iters, seed, device, total, progress
+    )
+
+
+def _fit(
+    batches: Batches,
+    image_size: int,
+    channels: int,
+    dim: int,
+    components: int | None,
+    method: str,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    device: torch.device,
+    total: int | None,
+    progress: bool,
+) -> PCABasis:
+    """:func:`fit_pca` on options already checked and resolved by :func:`_check_options`."""
     if method == "exact":
         count, mean, var, std, evecs, evals = _fit_exact(batches, dim, components, device, total, progress)
     else:
@@ -281,6 +338,29 @@ def fit_pca(
     ).with_hash()
 
 
+def _raise_together(error: BaseException | None) -> None:
+    """Every rank raises if any rank failed, so that no rank waits in a collective for one that gave up.
+
+    The rank that failed raises its own exception; the others raise the first failure they hear of (an
+    :class:`OptionError` as such, anything else as a ``RuntimeError`` naming the rank).
+    """
+    if dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    report = None
+    if error is not None:
+        report = (error.key, error.message) if isinstance(error, OptionError) else f"{type(error).__name__}: {error}"
+    reports = dist.all_gather_object(report)
+    if error is not None:
+        raise error
+    for rank, report in enumerate(reports):
+        if isinstance(report, tuple):
+            raise OptionError(*report)
+        if report is not None:
+            raise RuntimeError(f"rank {rank} failed: {report}")
+
+
 def fit_basis(
     data: str,
     image_size: int,
@@ -297,44 +377,78 @@ def fit_basis(
     local: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PCABasis:
     """Fits the PCA basis of an MDS image data set and (on rank 0) writes it to ``out``.
 
     Images come from the ``x`` column (JPEG bytes), are resized (shorter side to ``image_size``, bicubic) and
     centre-cropped without augmentation, scaled to [0, 1] and flattened in C, H, W order. Under
-    ``torch.distributed`` each rank reads its own whole shards (no sample is read twice) and the sums are
-    all-reduced.
+    ``torch.distributed`` (initialised, e.g. by ``composer.utils.dist.initialize_dist``) each rank reads its
+    own whole shards (no sample is read twice) and the sums are all-reduced.
+
+    Every option, the output path and the data set's index are checked before any image is read: a bad one
+    is an :class:`~magma_composer.options.OptionError` naming the argument, on every rank.
 
     Args:
         data (str): a local folder of MDS shards or a URI (``s3://bucket/prefix``).
         image_size (int): image side in pixels.
         components (int, optional): ``K``, see :func:`fit_pca`.
         out (str | PathLike, optional): where to write the basis (``.pt``); nothing is written if ``None``.
+            It must not be a directory, its folder must be writable, and an existing file is kept unless
+            ``overwrite``.
         split (str, optional): sub-folder of ``data`` (``'train'``).
         method (str): ``'auto'``, ``'exact'`` or ``'randomized'``.
-        batch_size (int): images per product.
-        max_images (int, optional): use only the first ``max_images`` images (in shard order).
+        batch_size (int): images per product, ``>= 1``.
+        max_images (int, optional): use only the first ``max_images`` images (in shard order), ``>= 2``.
         oversample (int, optional): see :func:`fit_pca`.
         power_iters (int): see :func:`fit_pca`.
         seed (int): see :func:`fit_pca`.
-        num_workers (int): data loader processes decoding JPEGs, per rank.
+        num_workers (int): data loader processes decoding JPEGs, per rank, ``>= 0``.
         local (str, optional): cache folder for remote shards (default: under the temporary directory).
         device (str | torch.device, optional): see :func:`fit_pca`.
         progress (bool): progress bars.
+        overwrite (bool): replace an existing file at ``out``. Default: ``False``.
 
     Returns:
         PCABasis: the basis, with ``path`` set when it was written.
+
+    Raises:
+        OptionError: a bad option, ``out`` or ``data`` (checked before the work; its ``key`` names the argument).
+        ValueError: the images are unusable (see :func:`fit_pca`).
+        OSError, RuntimeError: reading the shards or writing ``out`` failed (a failed write leaves nothing behind).
     """
     from magma_composer.pca.source import ShardImages, open_shards, split_shards
 
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if max_images is not None and (not isinstance(max_images, int) or max_images < 2):
-        raise ValueError(f"max_images must be an int >= 2 or None, got {max_images!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-    stream, shards = open_shards(data, split=split, local=local)
+    dim, method, oversample, device = _check_options(
+        image_size, 3, components, method, oversample, power_iters, seed, device
+    )
+    check_int("batch_size", batch_size, 1)
+    if max_images is not None:
+        check_int("max_images", max_images, 2)
+    check_int("num_workers", num_workers, 0)
+    if not isinstance(overwrite, bool):
+        raise OptionError("overwrite", f"expected true or false, got {overwrite!r}")
+    if not isinstance(progress, bool):
+        raise OptionError("progress", f"expected true or false, got {progress!r}")
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    if world > 1 and not dist.is_initialized():
+        raise RuntimeError(
+            f"WORLD_SIZE is {world} but torch.distributed is not initialised: call "
+            "composer.utils.dist.initialize_dist(device) first (python -m magma_composer.pca fit does)"
+        )
+
+    error = None
+    try:
+        if out is not None and rank == 0:  # only rank 0 writes
+            try:
+                out = check_output_path(out, overwrite)
+            except OSError as e:
+                raise OptionError("out", str(e)) from e
+        stream, shards = open_shards(data, split=split, local=local)
+    except Exception as e:  # whatever stops one rank here must stop them all
+        error = e
+    _raise_together(error)
+
     share = split_shards([s.samples for s in shards], rank, world, max_images)
     for i, _ in share:
         stream.prepare_shard(shards[i])
@@ -342,25 +456,20 @@ def fit_basis(
 
     def batches() -> Iterable[torch.Tensor]:
         return torch.utils.data.DataLoader(
-            images, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+            images, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
         )
 
-    basis = fit_pca(
-        batches,
-        image_size=image_size,
-        channels=3,
-        components=components,
-        method=method,
-        oversample=oversample,
-        power_iters=power_iters,
-        seed=seed,
-        device=device,
-        total=len(images),
-        progress=progress,
+    basis = _fit(
+        batches, image_size, 3, dim, components, method, oversample, power_iters, seed, device, len(images), progress
     )
-    if out is not None and _is_rank_zero():
-        basis = save_basis(basis, out)
-        log.info("wrote %s: %s", out, basis.summary())
-    if out is not None and _distributed():
-        dist.barrier()
-    return basis
+    if out is None:
+        return basis
+    error = None
+    if rank == 0:
+        try:
+            basis = save_basis(basis, out, overwrite=overwrite)
+            log.info("wrote %s: %s", out, basis.summary())
+        except Exception as e:
+            error = e
+    _raise_together(error)
+    return replace(basis, path=os.fspath(out))

@@ -8,9 +8,7 @@ streaming's :class:`~streaming.base.stream.Stream` download (and decompress) onl
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 
 import torch
 from streaming.base.format.base.reader import Reader
@@ -18,8 +16,10 @@ from streaming.base.stream import Stream
 from streaming.base.world import World
 from torch.utils.data import Dataset
 
-from magma_composer.data.dataset import decode_image
+from magma_composer.data.dataset import decode_image, default_cache_folder
+from magma_composer.data.storage import RemoteDataError, check_remote, is_remote, join_url
 from magma_composer.data.transforms import eval_transform
+from magma_composer.options import OptionError
 
 __all__ = ["ShardImages", "open_shards", "split_shards"]
 
@@ -27,43 +27,72 @@ _STREAM_DEFAULTS = {
     "split": None,
     "download_retry": 2,
     "download_timeout": 120.0,
-    "validate_hash": None,
     "keep_zip": False,
 }
 
 
-def _resolve_location(data: str, local: str | None) -> tuple[str | None, str]:
+def _resolve_location(data: str, split: str | None, local: str | None) -> tuple[str | None, str]:
     """``(remote, local)`` for streaming: a local folder is read in place, a URI is cached under ``local``."""
-    if "://" not in data:
+    if not is_remote(data):
         if local is not None and os.path.abspath(local) != os.path.abspath(data):
-            raise ValueError(f"--local is only for remote data; {data!r} is a local folder and is read in place")
+            raise OptionError("local", f"is only for remote data; {data!r} is a local folder and is read in place")
         return None, data
-    if local is None:
-        digest = hashlib.blake2s(data.encode(), digest_size=8).hexdigest()
-        local = os.path.join(tempfile.gettempdir(), "magma_composer_pca", digest)
-    return data, local
+    return data, local if local is not None else default_cache_folder(data, split, tag="pca")
+
+
+def _check_data(data: str, split: str | None) -> dict:
+    """Reads the data set's index with :func:`~magma_composer.data.storage.check_remote`; names a missing ``split``."""
+    if not is_remote(data) and os.path.exists(data) and not os.path.isdir(data):
+        raise OptionError("data", f"{data!r} is a file; --data must be a folder (or s3:// URI) of MDS shards")
+    if not is_remote(data) and split is not None and os.path.isdir(data) and not os.path.isdir(join_url(data, split)):
+        raise OptionError(
+            "split", f"{split!r} is not a folder in {data!r}, which holds {sorted(os.listdir(data))[:10]}"
+        )
+    try:
+        return check_remote(data, split)
+    except RemoteDataError as e:
+        hint = (
+            "; --data must be a folder (or s3:// URI) of MDS shards written by python -m magma_composer.data.convert "
+            "(or streaming.MDSWriter), with --split naming the sub-folder if there is one"
+        )
+        raise OptionError("data", f"{e}{hint if not is_remote(data) else ''}") from e
 
 
 def open_shards(data: str, split: str | None = None, local: str | None = None) -> tuple[Stream, list[Reader]]:
     """Reads the MDS index of ``data`` (a local folder or a URI such as ``s3://bucket/prefix``).
 
     Returns:
-        ``(stream, shards)``: the streaming ``Stream`` (to download shards with) and the shard readers.
+        ``(stream, shards)``: the streaming ``Stream`` (to download shards with, checking them with a hash the
+        index carries) and the shard readers.
 
     Raises:
-        FileNotFoundError: if a local ``data`` folder has no ``index.json``.
+        OptionError: ``data`` (or ``split``, ``local``) does not name a readable MDS data set of images in an
+            ``x`` column with at least one sample; the message says what was found instead.
     """
-    remote, local = _resolve_location(data, local)
-    if remote is None and not os.path.isfile(os.path.join(local, split or "", "index.json")):
-        raise FileNotFoundError(
-            f"no MDS index at {os.path.join(local, split or '', 'index.json')!r}: --data must be a folder (or URI) "
-            "of MDS shards written by streaming.MDSWriter, with --split naming the sub-folder if there is one"
+    if not isinstance(data, (str, os.PathLike)) or not os.fspath(data):
+        raise OptionError("data", f"expected a folder or URI of MDS shards, got {data!r}")
+    data = os.fspath(data)
+    if split is not None and (not isinstance(split, str) or not split or os.path.isabs(split)):
+        raise OptionError("split", f"expected the name of a sub-folder of the data set, got {split!r}")
+    if local is not None and (not isinstance(local, (str, os.PathLike)) or not os.fspath(local)):
+        raise OptionError("local", f"expected a folder for the shard cache, got {local!r}")
+    remote, local = _resolve_location(data, split, None if local is None else os.fspath(local))
+    summary = _check_data(data, split)
+    hashes = summary.get("hashes") or []
+    where = f"{join_url(data, split) if split else data}"
+    try:
+        stream = Stream(remote=remote, local=local, split=split)
+        stream.apply_default(
+            {**_STREAM_DEFAULTS, "validate_hash": "xxh64" if "xxh64" in hashes else next(iter(hashes), None)}
         )
-    stream = Stream(remote=remote, local=local, split=split)
-    stream.apply_default(_STREAM_DEFAULTS)
-    shards = stream.get_shards(World.detect(), allow_unsafe_types=False)
+        shards = stream.get_shards(World.detect(), allow_unsafe_types=False)
+    except Exception as e:  # streaming raises several types for an index it cannot use
+        raise OptionError("data", f"cannot read the MDS index of {where}: {type(e).__name__}: {e}") from e
     if not shards or sum(s.samples for s in shards) == 0:
-        raise ValueError(f"the MDS data set at {data!r} (split {split!r}) holds no samples")
+        raise OptionError("data", f"the MDS data set at {where} holds no samples")
+    columns = getattr(shards[0], "column_names", None)
+    if columns is not None and "x" not in columns:
+        raise OptionError("data", f"the MDS data set at {where} has no image column 'x' (its columns: {columns})")
     return stream, shards
 
 
