@@ -291,7 +291,13 @@ class MAGMA(TapRegularizer):
                 *xs, y = all_gather_with_grad(torch.cat(xs + [y], dim=1)).split(widths, dim=1)
             for x in xs:
                 value, stats = magma_loss(
-                    x, y, rbf_scale=self.rbf_scale, eps=self.eps, gamma=self.gamma, return_stats=True
+                    x,
+                    y,
+                    rbf_scale=self.rbf_scale,
+                    eps=self.eps,
+                    gamma=self.gamma,
+                    return_stats=True,
+                    check_finite=False,  # a training step: skip a non-finite batch without a device sync
                 )
                 values.append(value)
                 valids.append(stats.valid)
@@ -302,7 +308,7 @@ class MAGMA(TapRegularizer):
         return self._average_valid(values, valids, stats)
 
     def _skip_reason(self) -> str:
-        return "it needs at least 3 samples whose reference features are not all identical"
+        return "it needs at least 3 samples whose reference features are finite and not all identical"
 
     def _repr_args(self) -> dict[str, Any]:
         return {

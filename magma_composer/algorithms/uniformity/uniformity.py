@@ -144,11 +144,12 @@ class Uniformity(TapRegularizer):
         for features in tap.final_cls():
             if self.gather:
                 features = all_gather_with_grad(features)
-            value, stats = uniformity_loss(features, return_stats=True)
+            # a training step: skip a non-finite batch without a device sync
+            value, stats = uniformity_loss(features, return_stats=True, check_finite=False)
             values.append(value)
             valids.append(stats.valid)
             norms.append(stats.feature_norm)
         return self._average_valid(values, valids, {"feature_norm": norms})
 
     def _skip_reason(self) -> str:
-        return "the batch is empty"
+        return "the batch is empty or its features are not finite"
