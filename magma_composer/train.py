@@ -178,10 +178,30 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     scheduler = build_section("scheduler", build_scheduler, **cfg.scheduler)
     loggers = _build_components("loggers", cfg.loggers, registry.LOGGERS, {})
 
+    loaders: list[Any] = []
+
     def data(section: str, options: dict, train: bool, tag: str) -> Any:
         options = {"image_size": model.img_size, "shuffle_seed": cfg.seed, **options}
-        return build_section(section, build_image_dataloader, train=train, cache_tag=tag, **options)
+        loader = build_section(section, build_image_dataloader, train=train, cache_tag=tag, **options)
+        loaders.append(loader)
+        return loader
 
+    try:
+        return _build_with_data(
+            cfg, model, data, device, save_folder, run_name, algorithms, optimizer, scheduler, loggers
+        )
+    except ConfigError:
+        for loader in loaders:  # a failed build leaves no shared memory behind (streaming would keep it until exit)
+            loader.dataset.release()
+        raise
+
+
+def _build_with_data(
+    cfg: TrainConfig, model: ComposerMAE, data: Any, device: str, save_folder: str | None, run_name: str, *parts: Any
+) -> Trainer:
+    """The data loaders, the callbacks that read them, and the Trainer (``parts``: algorithms, optimizer,
+    scheduler, loggers)."""
+    algorithms, optimizer, scheduler, loggers = parts
     train_loader = data("train_data", cfg.train_data, True, "train")
     eval_loader = None if cfg.eval_data is None else data("eval_data", cfg.eval_data, False, "eval")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import socket
 import tarfile
@@ -20,6 +21,26 @@ GOLDEN_FILE = REPO / "tests" / "data" / "golden_v1.json"
 # one intra-op thread: on 2 shared cores, with loader workers and launcher ranks beside the test, more
 # threads oversubscribe the CPU and tiny steps get 5-25x slower
 torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _release_streaming_datasets(monkeypatch):
+    """Frees each test's streaming shared memory when it ends: streaming keeps it until the process exits and every
+    new data set opens all earlier ones, so a whole suite in one process would run out of file descriptors."""
+    from magma_composer.data.checked_streaming import CheckedStreamingDataset
+
+    made = []
+    original = CheckedStreamingDataset.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckedStreamingDataset, "__init__", init)
+    yield
+    for dataset in made:
+        dataset.release()
+
 
 #: a model small enough for a few CPU steps in a test
 TINY_MODEL = {

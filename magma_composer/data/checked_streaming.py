@@ -19,6 +19,7 @@ readers, partitioning, shuffling, resumption state and cache accounting, and rep
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import os
@@ -34,6 +35,7 @@ from streaming import StreamingDataset
 from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
+from streaming.base.shared import SharedArray
 from streaming.base.storage.download import S3Downloader
 
 from magma_composer.data.storage import check_remote, explain_s3_error, join_url
@@ -260,6 +262,29 @@ class CheckedStreamingDataset(StreamingDataset):
             per_attempt = _BOTO_ATTEMPTS * 2 * float(stream.download_timeout) + 2.0**_BOTO_ATTEMPTS
             worst = max(worst, attempts * per_attempt + 2.0**attempts)
         return worst + 10.0
+
+    def release(self) -> None:
+        """Frees the shared memory this data set holds in this process now, rather than at exit.
+
+        streaming keeps every data set's shared memory until the process exits, and each new data set opens that
+        of all earlier ones, so a process that builds many (a notebook, a test suite, a failed recipe build)
+        runs out of file descriptors. The data set cannot be iterated afterwards.
+        """
+        shms = [self.__dict__.get(name) for name in ("_locals_shm", "_resume_shm")]
+        barrier = self.__dict__.get("_shared_barrier")
+        shms.append(barrier._arr.shm if barrier is not None else None)
+        shms += [getattr(self.__dict__.get(n), "arr", None) for n in ("_next_epoch", "_cache_usage")]
+        shms += [self.__dict__.get(n) for n in ("_shard_states", "_shard_access_times")]
+        self._close_files()
+        for shm in shms:
+            shm = shm.shm if isinstance(shm, SharedArray) else shm
+            if shm is None:
+                continue
+            atexit.unregister(shm.cleanup)
+            try:
+                shm.cleanup()
+            except BufferError:  # a view of it is still alive: it is freed at exit instead
+                atexit.register(shm.cleanup)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
