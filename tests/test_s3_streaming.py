@@ -67,7 +67,8 @@ def test_convert_synthetic_to_s3_and_stream_back(s3, tmp_path):  # noqa: F811
     keys = _keys(s3, bucket)
     assert "shapes/train/index.json" in keys and "shapes/train/manifest.json" in keys
     assert [k for k in keys if k.endswith("done.json")] == [f"shapes/train/chunk-0000{k}/done.json" for k in range(3)]
-    assert list(staging.iterdir()) == []  # staged chunks are deleted once uploaded
+    # staged chunks are deleted once uploaded; the conversion record keeps the folder claimed for this --src
+    assert [p.name for p in staging.iterdir()] == ["conversion.json"]
     remote_manifest = json.loads(s3.client().get_object(Bucket=bucket, Key="shapes/train/manifest.json")["Body"].read())
     assert remote_manifest == manifest and manifest["samples"] == 48
 
@@ -255,17 +256,17 @@ def test_remote_conversion_resumes(s3, tmp_path, monkeypatch):  # noqa: F811
         convert_image_folder(tmp_path / "src", out, staging=staging, chunk_files=5, progress=False)
     assert _keys(s3, bucket) == [
         f"ds/chunk-0000{k}/{n}" for k in range(2) for n in ("done.json", "index.json", "shard.00000.mds")
-    ]
+    ] + ["ds/conversion.json"]
 
     # an upload that fails leaves its chunk staged; the rerun uploads it without encoding it again
     bad.write_bytes(good)
     real_upload, real_write = convert._upload_chunk, convert._write_chunk
     written = []
 
-    def failing_upload(folder, remote, marker, keep):
+    def failing_upload(folder, *args):
         if folder.name == "chunk-00003":
             raise RemoteDataError("simulated upload failure")
-        real_upload(folder, remote, marker, keep)
+        real_upload(folder, *args)
 
     def counting_write(folder, *args, **kwargs):
         written.append(folder.name)
@@ -283,7 +284,7 @@ def test_remote_conversion_resumes(s3, tmp_path, monkeypatch):  # noqa: F811
     written.clear()
     manifest = convert_image_folder(tmp_path / "src", out, staging=staging, chunk_files=5, progress=False)
     assert "chunk-00003" not in written and "chunk-00002" not in written
-    assert manifest["samples"] == 24 and list(staging.iterdir()) == []
+    assert manifest["samples"] == 24 and [p.name for p in staging.iterdir()] == ["conversion.json"]
     raw = StreamingDataset(remote=out, local=str(tmp_path / "cache"), batch_size=8)
     assert sorted(int(s["i"]) for s in raw) == list(range(24))
 
