@@ -446,8 +446,7 @@ class ComposerMAE(ComposerModel):
             return outputs
         images = self.prepare_images(self._images(batch))
         # a fixed-seed mask so that the reconstruction metric is comparable between evaluations
-        generator = torch.Generator(device=images.device)
-        generator.manual_seed(0)
+        generator = seeded_generator(0, device=images.device)
         ratio = self.mask_ratio if self.mask_ratio > 0 else 0.75
         out = self.net(images, ratio, generator)
         latent, _, _ = self.net.encode(images, 0.0)
@@ -471,8 +470,7 @@ class ComposerMAE(ComposerModel):
         as the MAE paper's visualisations do; visible patches are pasted from the input.
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        generator = torch.Generator(device=images.device)
-        generator.manual_seed(seed)
+        generator = seeded_generator(seed, device=images.device)
         with torch.no_grad():
             out = self.net(images, ratio, generator)
         p, grid, c = self.patch_size, self.net.grid, images.shape[1]
