@@ -142,7 +142,7 @@ class TrainConfig:
             ("load_weights_only", "load_path"),
         ):
             if getattr(self, key) is not None and getattr(self, needs) is None:
-                raise ConfigError(f"{key}: has no effect without {needs}; set {needs} or remove {key}")
+                raise ConfigError(f"{key}: has no effect without {needs}; set {needs}, or {key}=null to drop it")
         if self.save_overwrite is not None and self.save_folder is None and self.export_encoder is None:
             raise ConfigError("save_overwrite: has no effect without save_folder or export_encoder")
         if self.cpu_threads is not None and self.device not in (None, "cpu"):
