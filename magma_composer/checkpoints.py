@@ -462,7 +462,8 @@ def _guard(folder: str, run_name: str, autoresume: bool, save_overwrite: bool, m
             "run, and a run writes only into an empty folder or its own. Choose another save_folder (e.g. "
             "runs/{run_name}/checkpoints), or give one of those checkpoints as load_path"
         )
-    if record is not None and record.run_name != run_name:
+    # a run that stopped before its first checkpoint left only its record: nothing of it is lost by taking over
+    if record is not None and record.run_name != run_name and entries:
         raise CheckpointError(
             f"save_folder {folder} belongs to run {record.run_name!r} ({RUN_RECORD}, created {record.created}), not "
             f"to this run {run_name!r}: a run never writes into or resumes from another run's folder. Pick another "
@@ -495,7 +496,8 @@ def guard_run(save_folder: str | None, run_name: str, autoresume: bool, save_ove
     Refused, with the reason:
 
     * the folder cannot be written (:func:`check_output_folder`);
-    * it holds another run's ``run.json`` (a different ``run_name``): always, whatever ``save_overwrite`` says;
+    * it holds another run's ``run.json`` (a different ``run_name``) and that run's checkpoints: always, whatever
+      ``save_overwrite`` says (a record alone, left by a run that stopped before its first checkpoint, is replaced);
     * it holds files but no ``run.json`` (written by something else);
     * it holds this run's checkpoints, but neither ``autoresume`` nor ``save_overwrite`` is set;
     * ``autoresume`` would continue this run with a model whose parameter shapes differ from ``run.json``

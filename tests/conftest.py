@@ -22,6 +22,7 @@ GOLDEN_FILE = REPO / "tests" / "data" / "golden_v1.json"
 # threads oversubscribe the CPU and tiny steps get 5-25x slower
 torch.set_num_threads(1)
 
+
 @pytest.fixture(autouse=True)
 def _release_streaming_datasets(monkeypatch):
     """Frees each test's streaming shared memory when it ends: streaming keeps it until the process exits and every
@@ -51,6 +52,26 @@ TINY_MODEL = {
     "decoder_depth": 1,
     "decoder_heads": 2,
 }
+
+
+def run_module(module: str, *args: str, cwd=REPO, env: dict | None = None, timeout: float = 300, **kwargs):
+    """Runs ``python -m module args`` as a new user would (one torch thread, no launcher variables inherited)."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    base = {k: v for k, v in os.environ.items() if k not in launcher}
+    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def free_port() -> int:

@@ -121,6 +121,14 @@ def test_another_runs_folder_refused(run_a, save_overwrite):
     assert snapshot(run_a) == before  # nothing written, nothing removed
 
 
+def test_a_record_without_checkpoints_is_taken_over(tmp_path):
+    """A run that failed before its first checkpoint (bad data, say) does not lock its folder for the retry."""
+    folder = tmp_path / "checkpoints"
+    guard_run(str(folder), "generated-1", autoresume=False, save_overwrite=False, model=tiny_model())
+    guard_run(str(folder), "generated-2", autoresume=False, save_overwrite=False, model=tiny_model())
+    assert json.loads((folder / RUN_RECORD).read_text())["run_name"] == "generated-2"
+
+
 def test_autoresume_with_other_run_name_refused_with_what_it_found(run_a):
     before = snapshot(run_a)
     with pytest.raises(CheckpointError) as info:

@@ -4,31 +4,21 @@ running it again keeps or finishes its own data set."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from streaming import StreamingDataset
 
 from magma_composer.data.demo import DemoError, write_demo_dataset
-from tests.conftest import REPO
+from tests.conftest import run_module
 from tests.test_convert_safety import REPR, _snapshot, _unwritable
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROG = "python -m magma_composer.data.demo"
 
 
 def _demo(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "magma_composer.data.demo", *argv],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("magma_composer.data.demo", *argv)
 
 
 @pytest.fixture(scope="module")

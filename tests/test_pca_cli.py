@@ -18,24 +18,15 @@ from streaming import MDSWriter
 
 from magma_composer.pca import fit_pca, load_basis, save_basis
 from magma_composer.pca.__main__ import main as pca_main
-from tests.conftest import free_port
+from tests.conftest import free_port, run_module
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "python -m magma_composer.pca"
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "magma_composer.pca", *args],
-        cwd=cwd,
-        env=base,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        preexec_fn=preexec_fn,
-    )
+    env = {"PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+    return run_module("magma_composer.pca", *args, cwd=cwd, env=env, timeout=240, preexec_fn=preexec_fn)
 
 
 @pytest.fixture(scope="module")
