@@ -148,9 +148,11 @@ def measure(
             if loader == "imagefolder":
                 dataset = ImageFolder(str(folder), transform=transform)
             else:
-                dataset = MDS_CLASSES[loader](local=str(mds), image_size=crop, batch_size=batch_size, shuffle=True)
+                dataset = MDS_CLASSES[loader](str(mds), image_size=crop, batch_size=batch_size, shuffle=True)
             # streaming shuffles by itself; ImageFolder through the sampler
             images, seconds, cpu_seconds = one_pass(dataset, workers, batch_size, shuffle=loader == "imagefolder")
+            if loader != "imagefolder":
+                dataset.release()  # streaming would keep its shared memory until exit
             wall[loader].append(images / seconds / workers)
             cpu[loader].append(images / cpu_seconds)
     result: dict[str, object] = {"set": name, "crop": crop, "images": images, "workers": workers, "passes": wall}
