@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +268,7 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
 
 def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
-    if origin is Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if origin is typing.Literal:
         return " or ".join(repr(a) for a in typing.get_args(hint))

@@ -187,78 +187,67 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         return loader
 
     try:
-        return _build_with_data(
-            cfg, model, data, device, save_folder, run_name, algorithms, optimizer, scheduler, loggers
+        train_loader = data("train_data", cfg.train_data, True, "train")
+        eval_loader = None if cfg.eval_data is None else data("eval_data", cfg.eval_data, False, "eval")
+
+        def bank_loader() -> Any:  # the kNN memory bank: the training split with the evaluation transform
+            options = {k: v for k, v in cfg.train_data.items() if k not in ("crop_scale", "hflip", "max_samples")}
+            # seeded shuffle: a capped bank (knn_monitor.max_train_samples) is a random subset, not the first classes
+            return data("train_data", {**options, "shuffle": True}, False, "bank")
+
+        available = {
+            "train_loader": bank_loader,
+            "test_loader": eval_loader,
+            "normalize": (cfg.eval_data or cfg.train_data).get("normalize", "imagenet"),
+        }
+        callbacks = _build_components("callbacks", cfg.callbacks, registry.CALLBACKS, available)
+        if save_folder is not None:
+            callbacks.append(CheckpointHashes())
+
+        if device == "cpu":
+            torch.set_num_threads(cpu_threads(cfg))
+        precision = cfg.precision or ("amp_bf16" if device == "gpu" else "fp32")
+        microbatch = cfg.device_train_microbatch_size or cfg.train_data["batch_size"]
+        # Composer's own checks, and the algorithms' and callbacks' INIT, run inside the Trainer's constructor
+        return build_section(
+            "trainer",
+            Trainer,
+            model=model,
+            train_dataloader=train_loader,
+            eval_dataloader=eval_loader,
+            eval_interval=cfg.eval_interval or "1ep",
+            max_duration=cfg.max_duration,
+            optimizers=optimizer,
+            schedulers=scheduler,
+            step_schedulers_every_batch=True,
+            algorithms=algorithms,
+            callbacks=callbacks,
+            loggers=loggers,
+            run_name=run_name,
+            progress_bar=cfg.progress_bar,
+            log_to_console=cfg.log_to_console,
+            console_log_interval=cfg.console_log_interval,
+            save_folder=save_folder,
+            save_interval=cfg.save_interval or "1ep",
+            save_num_checkpoints_to_keep=-1
+            if cfg.save_num_checkpoints_to_keep is None
+            else cfg.save_num_checkpoints_to_keep,
+            save_overwrite=bool(cfg.save_overwrite),
+            autoresume=cfg.autoresume,
+            load_path=cfg.load_path,
+            load_weights_only=bool(cfg.load_weights_only),
+            parallelism_config=cfg.parallelism_config,
+            device=device,
+            precision=precision,
+            device_train_microbatch_size=microbatch,
+            seed=cfg.seed,
+            dist_timeout=cfg.dist_timeout,
+            compile_config={} if cfg.compile else None,
         )
     except ConfigError:
         for loader in loaders:  # a failed build leaves no shared memory behind (streaming would keep it until exit)
             loader.dataset.release()
         raise
-
-
-def _build_with_data(
-    cfg: TrainConfig, model: ComposerMAE, data: Any, device: str, save_folder: str | None, run_name: str, *parts: Any
-) -> Trainer:
-    """The data loaders, the callbacks that read them, and the Trainer (``parts``: algorithms, optimizer,
-    scheduler, loggers)."""
-    algorithms, optimizer, scheduler, loggers = parts
-    train_loader = data("train_data", cfg.train_data, True, "train")
-    eval_loader = None if cfg.eval_data is None else data("eval_data", cfg.eval_data, False, "eval")
-
-    def bank_loader() -> Any:  # the kNN memory bank: the training split with the evaluation transform
-        options = {k: v for k, v in cfg.train_data.items() if k not in ("crop_scale", "hflip", "max_samples")}
-        # seeded shuffle: a capped bank (knn_monitor.max_train_samples) is then a random subset, not the first classes
-        return data("train_data", {**options, "shuffle": True}, False, "bank")
-
-    available = {
-        "train_loader": bank_loader,
-        "test_loader": eval_loader,
-        "normalize": (cfg.eval_data or cfg.train_data).get("normalize", "imagenet"),
-    }
-    callbacks = _build_components("callbacks", cfg.callbacks, registry.CALLBACKS, available)
-    if save_folder is not None:
-        callbacks.append(CheckpointHashes())
-
-    if device == "cpu":
-        torch.set_num_threads(cpu_threads(cfg))
-    precision = cfg.precision or ("amp_bf16" if device == "gpu" else "fp32")
-    microbatch = cfg.device_train_microbatch_size or cfg.train_data["batch_size"]
-    # Composer's own checks, and the algorithms' and callbacks' INIT, run inside the Trainer's constructor
-    return build_section(
-        "trainer",
-        Trainer,
-        model=model,
-        train_dataloader=train_loader,
-        eval_dataloader=eval_loader,
-        eval_interval=cfg.eval_interval or "1ep",
-        max_duration=cfg.max_duration,
-        optimizers=optimizer,
-        schedulers=scheduler,
-        step_schedulers_every_batch=True,
-        algorithms=algorithms,
-        callbacks=callbacks,
-        loggers=loggers,
-        run_name=run_name,
-        progress_bar=cfg.progress_bar,
-        log_to_console=cfg.log_to_console,
-        console_log_interval=cfg.console_log_interval,
-        save_folder=save_folder,
-        save_interval=cfg.save_interval or "1ep",
-        save_num_checkpoints_to_keep=-1
-        if cfg.save_num_checkpoints_to_keep is None
-        else cfg.save_num_checkpoints_to_keep,
-        save_overwrite=bool(cfg.save_overwrite),
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
-        load_weights_only=bool(cfg.load_weights_only),
-        parallelism_config=cfg.parallelism_config,
-        device=device,
-        precision=precision,
-        device_train_microbatch_size=microbatch,
-        seed=cfg.seed,
-        dist_timeout=cfg.dist_timeout,
-        compile_config={} if cfg.compile else None,
-    )
 
 
 def cpu_threads(cfg: TrainConfig) -> int:
