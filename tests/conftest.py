@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR_TARBALL = SHARED_DATA / "cifar10-jpeg.tar.gz"
 #: reference values for the regularisers, committed with the tests so a plain clone can check itself
-GOLDEN_FILE = REPO / "tests" / "data" / "golden_v1.json"
+GOLDEN_FILE = REPO / "tests" / "data" / "golden_vectors_v1.json"
 
 # one intra-op thread: on 2 shared cores, with loader workers and launcher ranks beside the test, more
 # threads oversubscribe the CPU and tiny steps get 5-25x slower
