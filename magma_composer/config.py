@@ -194,7 +194,16 @@ SECTION_OWNERS: dict[str, str] = {
 #: Arguments of the owners that the builder fills in and a recipe cannot set.
 INJECTED: dict[str, tuple[str, ...]] = {
     "model": (),
-    "train_data": ("train", "cache_tag", "transform", "streams", "stream_name", "stream_config", "epoch_size"),
+    "train_data": (
+        "train",
+        "cache_tag",
+        "transform",
+        "return_index",
+        "streams",
+        "stream_name",
+        "stream_config",
+        "epoch_size",
+    ),
     "optimizer": ("model", "global_batch"),
     "scheduler": (),
     "callbacks": ("train_loader", "test_loader", "normalize"),

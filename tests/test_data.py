@@ -68,3 +68,39 @@ def test_demo_classes_are_not_separable_by_mean_colour():
 
     acc = knn_top1(means[:300], labels[:300], means[300:], labels[300:], k=10)[10]
     assert acc < 35.0  # chance is 10 %
+
+
+def test_fine_tuning_augmentations_and_sample_index(demo_mds):
+    data = StreamingImageDataset(
+        str(demo_mds),
+        split="train",
+        image_size=32,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        random_erase=1.0,
+        augment_seed=3,
+        return_index=True,
+        batch_size=8,
+    )
+    x, y, index = data[7]
+    assert x.shape == (3, 32, 32) and index == 7 and data.has_labels and y == 7 % 10
+    assert torch.equal(x, data[7][0])  # seeded per sample: the same augmentation again
+    plain = StreamingImageDataset(str(demo_mds), split="train", image_size=32, augment_seed=3, batch_size=8)
+    assert not torch.equal(x, plain[7][0])
+
+
+@pytest.mark.parametrize(
+    "options, key",
+    [
+        ({"auto_augment": "rand-m9-xx"}, "auto_augment"),  # timm would skip the section silently
+        ({"auto_augment": "autoaug"}, "auto_augment"),
+        ({"random_erase": 1.5}, "random_erase"),
+        ({"train": False, "auto_augment": "rand-m9"}, "auto_augment"),  # an evaluation set has no augmentation
+        ({"transform": lambda im: im, "hflip": False}, "hflip"),  # a replaced transform ignores it
+    ],
+)
+def test_augmentation_options_refused(demo_mds, options, key):
+    from magma_composer.options import OptionError
+
+    with pytest.raises(OptionError) as info:
+        StreamingImageDataset(str(demo_mds), split="train", image_size=32, batch_size=8, **options)[0]
+    assert info.value.key == key

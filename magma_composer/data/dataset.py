@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import random
 import tempfile
 import urllib.parse
-from contextlib import nullcontext
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
 
 import torch
 from PIL import Image
@@ -38,10 +41,37 @@ def default_cache_folder(remote: str, split: str | None, tag: str = "") -> str:
     return os.path.join(tempfile.gettempdir(), "magma_composer_cache", digest)
 
 
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seeds the global generators that transforms draw from (torchvision: torch's CPU generator; timm's RandAugment
+    and random erasing: Python's ``random`` and NumPy's) and, in the main process, restores them afterwards.
+
+    Only the CPU generator is touched: torch.manual_seed would also seed (and initialise) CUDA.
+    """
+    if get_worker_info() is not None:  # a loader worker owns its generators
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        yield
+        return
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 class StreamingImageDataset(CheckedStreamingDataset):
     """Image classification shards in MDS format (columns ``x``: JPEG bytes, ``y``: int label).
 
-    Yields ``(image, label)``: a ``3 x S x S`` float tensor and an int.
+    Yields ``(image, label)``: a ``3 x S x S`` float tensor and an int (``-1`` for a data set without a ``y``
+    column: unlabelled images; :attr:`has_labels` tells), or ``(image, label, sample index)`` with
+    ``return_index``.
 
     Built on :class:`~magma_composer.data.checked_streaming.CheckedStreamingDataset`: the data set's index is checked
     first (a clear error naming the endpoint, bucket and prefix), shards are hash-checked (``validate_hash``,
@@ -59,6 +89,10 @@ class StreamingImageDataset(CheckedStreamingDataset):
         crop_scale (Sequence[float], optional): training: RandomResizedCrop scale range ``[lo, hi]``, ``0 < lo <= hi
             <= 1``. Default ``(0.2, 1.0)``.
         hflip (bool, optional): training: random horizontal flip. Default ``True``.
+        auto_augment (str, optional): training: a timm RandAugment policy (``'rand-m9-mstd0.5-inc1'``), after the
+            crop and flip. Default: none.
+        random_erase (float, optional): training: probability of timm's random erasing (per-pixel noise), after
+            normalisation. Default 0.
         normalize (str): ``'imagenet'`` or ``'none'`` (pixels in [0, 1], for PCA masking).
         resize_ratio (float, optional): evaluation: resize to ``image_size / resize_ratio``, then centre crop
             (ImageNet: 0.875). Default ``1.0``.
@@ -70,6 +104,8 @@ class StreamingImageDataset(CheckedStreamingDataset):
             loader worker and after a resumption from a checkpoint. Default: the shuffle seed.
         transform (Callable, optional): replaces the transform above entirely.
         cache_tag (str): tells apart the default cache folders of two data sets on the same remote and split.
+        return_index (bool): also yield each sample's index in the data set (evaluation gathers features from
+            several ranks by it, dropping the samples streaming repeats to even out the ranks).
         **streaming_kwargs: passed to :class:`CheckedStreamingDataset` and :class:`streaming.StreamingDataset`
             (``batch_size``, ``shuffle_seed``, ``validate_hash``, ``predownload``, ``cache_limit``, ...).
     """
@@ -83,6 +119,8 @@ class StreamingImageDataset(CheckedStreamingDataset):
         train: bool = True,
         crop_scale: Sequence[float] | None = None,
         hflip: bool | None = None,
+        auto_augment: str | None = None,
+        random_erase: float | None = None,
         normalize: str = "imagenet",
         resize_ratio: float | None = None,
         max_samples: int | None = None,
@@ -90,11 +128,21 @@ class StreamingImageDataset(CheckedStreamingDataset):
         augment_seed: int | None = None,
         transform: Callable | None = None,
         cache_tag: str = "",
+        return_index: bool = False,
         **streaming_kwargs: Any,
     ) -> None:
-        # options of the other kind of transform would be silently unused
-        unused = ("resize_ratio",) if train else ("crop_scale", "hflip")
-        for key, value in zip(("crop_scale", "hflip", "resize_ratio"), (crop_scale, hflip, resize_ratio)):
+        # options of the other kind of transform, or of a transform that is replaced, would be silently unused
+        train_only = ("crop_scale", "hflip", "auto_augment", "random_erase")
+        given = dict(
+            crop_scale=crop_scale, hflip=hflip, auto_augment=auto_augment, random_erase=random_erase,
+            resize_ratio=resize_ratio, normalize=None if normalize == "imagenet" else normalize,
+        )  # fmt: skip
+        if transform is not None:
+            for key, value in given.items():
+                if value is not None:
+                    raise OptionError(key, "has no effect: this data set's transform is replaced by 'transform'")
+        unused = ("resize_ratio",) if train else train_only
+        for key, value in given.items():
             if key in unused and value is not None:
                 kind = "evaluation" if train else "training"
                 raise OptionError(key, f"applies to {kind} data only; this data set has the other transform")
@@ -112,7 +160,14 @@ class StreamingImageDataset(CheckedStreamingDataset):
         super().__init__(remote=remote, local=local, split=split, shuffle=shuffle, **streaming_kwargs)
         if transform is None:
             transform = (
-                train_transform(image_size, crop_scale or (0.2, 1.0), True if hflip is None else hflip, normalize)
+                train_transform(
+                    image_size,
+                    crop_scale or (0.2, 1.0),
+                    True if hflip is None else hflip,
+                    normalize,
+                    auto_augment,
+                    random_erase or 0.0,
+                )
                 if train
                 else eval_transform(image_size, normalize, 1.0 if resize_ratio is None else resize_ratio)
             )
@@ -122,18 +177,24 @@ class StreamingImageDataset(CheckedStreamingDataset):
         #: the pixel normalisation of the images this data set yields (``'imagenet'`` or ``'none'``)
         self.normalize = normalize
         self.augment_seed = int(self.shuffle_seed if augment_seed is None else augment_seed)
+        self.return_index = return_index
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the shards have a ``y`` (label) column; without one every label is ``-1``."""
+        return all("y" in getattr(shard, "column_names", ("y",)) for shard in self.shards)
 
     def _sample_seed(self, index: int) -> int:
         epoch = max(0, int(getattr(self, "next_epoch", 1)) - 1)  # streaming sets next_epoch when an epoch starts
         return derive_seed(self.augment_seed, epoch, index)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         sample = super().__getitem__(index)
         image = decode_image(sample["x"])
+        label = int(sample["y"]) if "y" in sample else -1
         if not self.train:
-            return self.transform(image), int(sample["y"])
-        # torchvision draws from the global CPU generator; seeding only it avoids torch.manual_seed's lazy CUDA seed
-        keep_global_rng = torch.random.fork_rng(devices=[]) if get_worker_info() is None else nullcontext()
-        with keep_global_rng:
-            torch.default_generator.manual_seed(self._sample_seed(index))
-            return self.transform(image), int(sample["y"])
+            image = self.transform(image)
+        else:
+            with _seeded_global_rngs(self._sample_seed(index)):
+                image = self.transform(image)
+        return (image, label, index) if self.return_index else (image, label)
