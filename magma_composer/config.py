@@ -48,9 +48,14 @@ __all__ = [
     "ConfigError",
     "SECTION_OWNERS",
     "TrainConfig",
+    "apply_overrides",
+    "build_section",
+    "check_components",
     "check_options",
+    "check_value",
     "load_config",
     "parse_overrides",
+    "read_recipe",
     "read_yaml",
     "validate",
 ]
@@ -251,8 +256,12 @@ def _adapter(hint: Any) -> Any:
     return TypeAdapter(hint, config=ConfigDict(strict=True, arbitrary_types_allowed=True))
 
 
-def _check_type(value: Any, hint: Any, path: str) -> Any:
-    """``value`` checked strictly against ``hint``; YAML lists are accepted where a tuple is expected."""
+def check_value(value: Any, hint: Any, path: str) -> Any:
+    """``value`` checked strictly against the type hint ``hint`` (YAML lists are accepted where a tuple is expected).
+
+    Raises:
+        ConfigError: naming ``path``, the expected type and the value.
+    """
     if hint is Any:
         return value
     from pydantic import ValidationError
@@ -312,14 +321,16 @@ def check_options(owner: Any, options: Any, path: str, injected: tuple[str, ...]
         if key not in params:
             valid = ", ".join(sorted(params)) or "none"
             raise ConfigError(f"unknown key '{path}.{key}'; valid keys of {path} ({name}) are: {valid}")
-        out[key] = _check_type(value, params[key][1], f"{path}.{key}")
+        out[key] = check_value(value, params[key][1], f"{path}.{key}")
     for key, (p, hint) in params.items():
         if p.default is inspect.Parameter.empty and key not in out:
             raise ConfigError(f"missing required key '{path}.{key}' ({_type_name(hint)}) for {name}")
     return out
 
 
-def _check_components(section: str, entries: Any) -> dict:
+def check_components(section: str, entries: Any) -> dict:
+    """Checks an ``algorithms`` / ``callbacks`` / ``loggers`` section: ``{name: options}``, each name registered and
+    its options checked against its class; ``name: false`` drops an entry, ``name: true`` means no options."""
     if entries is None:
         return {}
     if not isinstance(entries, dict):
@@ -339,19 +350,35 @@ def _check_components(section: str, entries: Any) -> dict:
     return out
 
 
-def _resolve_owner(section: str) -> Any:
-    module, _, attr = SECTION_OWNERS[section].partition(":")
+def _resolve_owner(path: str) -> Any:
+    module, _, attr = path.partition(":")
     import importlib
 
     return getattr(importlib.import_module(module), attr)
 
 
-def validate(raw: Any) -> TrainConfig:
-    """Checks a raw recipe's keys and types; returns the :class:`TrainConfig` or raises :class:`ConfigError`."""
+def validate(
+    raw: Any,
+    config_class: type | None = None,
+    owners: dict[str, str] | None = None,
+    injected: dict[str, tuple[str, ...]] | None = None,
+) -> Any:
+    """Checks a raw recipe's keys and types; returns the config dataclass or raises :class:`ConfigError`.
+
+    Args:
+        raw: the recipe mapping.
+        config_class: the dataclass of the run's own keys and its sections (default :class:`TrainConfig`).
+        owners: ``{section: 'module:owner'}`` (default :data:`SECTION_OWNERS`); ``algorithms`` / ``callbacks`` /
+            ``loggers`` are checked against the registries.
+        injected: per section, the owner's arguments that the builder fills in (default :data:`INJECTED`).
+    """
+    config_class = config_class or TrainConfig
+    owners = SECTION_OWNERS if owners is None else owners
+    injected = INJECTED if injected is None else injected
     if not isinstance(raw, dict):
         raise ConfigError(f"the recipe must be a mapping of keys, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    hints = typing.get_type_hints(config_class)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r}; valid top-level keys are: {', '.join(sorted(fields))}")
@@ -362,16 +389,16 @@ def validate(raw: Any) -> TrainConfig:
                 raise ConfigError(f"missing required key {name!r}")
             continue
         value = raw[name]
-        if name in SECTION_OWNERS:
-            if value is None and name == "eval_data":
+        if name in owners:
+            if value is None and f.default is None:  # an optional section switched off
                 kwargs[name] = None
                 continue
-            kwargs[name] = check_options(_resolve_owner(name), value, name, INJECTED[name])
+            kwargs[name] = check_options(_resolve_owner(owners[name]), value, name, injected.get(name, ()))
         elif name in _COMPONENTS:
-            kwargs[name] = _check_components(name, value)
+            kwargs[name] = check_components(name, value)
         else:
-            kwargs[name] = _check_type(value, hints[name], name)
-    return TrainConfig(**kwargs)
+            kwargs[name] = check_value(value, hints[name], name)
+    return config_class(**kwargs)
 
 
 # ---------------------------------------------------------------------- files and overrides
@@ -419,7 +446,7 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
-def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+def _read_recipe_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Reads one recipe file, resolving its ``base:`` (a recipe path, relative to this file, or a list)."""
     if not path.is_file():
         where = f" (the base of {str(chain[-1])!r})" if chain else ""
@@ -444,19 +471,27 @@ def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"recipe {str(path)!r}: 'base' must be a recipe path or a list of them, got {bases!r}")
     merged: dict = {}
     for base in bases:
-        merged = _merge(merged, _read_recipe(path.parent / base, chain + (path.resolve(),)))
+        merged = _merge(merged, _read_recipe_file(path.parent / base, chain + (path.resolve(),)))
     return _merge(merged, raw)
 
 
+def read_recipe(path: Union[str, Path], overrides: list[str] | None = None) -> dict:
+    """Reads a recipe file (and its ``base:`` recipes) and applies ``key.path=value`` overrides; checks nothing else.
+
+    Raises:
+        ConfigError: a missing/unreadable file, bad YAML, a bad ``base`` or a malformed override.
+    """
+    raw = _read_recipe_file(Path(path))
+    return apply_overrides(raw, parse_overrides(overrides or []))
+
+
 def load_config(path: Union[str, Path], overrides: list[str] | None = None) -> TrainConfig:
-    """Reads a recipe (and its ``base:`` recipes), applies ``key.path=value`` overrides and checks it.
+    """Reads a training recipe (and its ``base:`` recipes), applies ``key.path=value`` overrides and checks it.
 
     Raises:
         ConfigError: a missing/unreadable file, bad YAML, or a bad key (named by its path).
     """
-    raw = _read_recipe(Path(path))
-    raw = apply_overrides(raw, parse_overrides(overrides or []))
-    return validate(raw)
+    return validate(read_recipe(path, overrides))
 
 
 def build_section(path: str, build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

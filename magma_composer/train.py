@@ -41,7 +41,7 @@ from magma_composer.data.loader import build_image_dataloader
 from magma_composer.models import ComposerMAE
 from magma_composer.options import OptionError, check_number
 
-__all__ = ["build_optimizer", "build_scheduler", "build_trainer", "main"]
+__all__ = ["build_components", "build_optimizer", "build_scheduler", "build_trainer", "main"]
 
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "reg_token")
 
@@ -110,8 +110,12 @@ def build_scheduler(warmup: str = "0ba", alpha_f: float = 0.0) -> CosineAnnealin
     return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=alpha_f)
 
 
-def _build_components(section: str, entries: dict, reg: dict, available: dict[str, Any]) -> list:
-    """Builds each ``name: options`` entry; arguments the builder fills in come from ``available``."""
+def build_components(section: str, entries: dict, reg: dict, available: dict[str, Any]) -> list:
+    """Builds each checked ``name: options`` entry of an ``algorithms`` / ``callbacks`` / ``loggers`` section.
+
+    Arguments the builder fills in (:data:`magma_composer.config.INJECTED`) come from ``available`` (a value, or a
+    function that makes it); a required one that is missing is a :class:`ConfigError` saying what it needs.
+    """
     out = []
     for name, options in entries.items():
         cls = registry.resolve(reg, name, section[:-1])
@@ -166,7 +170,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if cfg.load_path is not None:
         build_section("load_path", verify_checkpoint, cfg.load_path)
     # algorithms first: their options (schedules, basis files) fail before any model or data is built
-    algorithms = _build_components("algorithms", cfg.algorithms, registry.ALGORITHMS, {})
+    algorithms = build_components("algorithms", cfg.algorithms, registry.ALGORITHMS, {})
     model = build_section("model", ComposerMAE, **cfg.model)
     for name, algorithm in zip(cfg.algorithms, algorithms):  # options that depend on the model (block indices...)
         check_model = getattr(algorithm, "check_model", None)
@@ -176,7 +180,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     global_batch = cfg.train_data.get("batch_size", 0) * dist.get_world_size()
     optimizer = build_section("optimizer", build_optimizer, model, global_batch, **cfg.optimizer)
     scheduler = build_section("scheduler", build_scheduler, **cfg.scheduler)
-    loggers = _build_components("loggers", cfg.loggers, registry.LOGGERS, {})
+    loggers = build_components("loggers", cfg.loggers, registry.LOGGERS, {})
 
     loaders: list[Any] = []
 
@@ -200,7 +204,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             "test_loader": eval_loader,
             "normalize": (cfg.eval_data or cfg.train_data).get("normalize", "imagenet"),
         }
-        callbacks = _build_components("callbacks", cfg.callbacks, registry.CALLBACKS, available)
+        callbacks = build_components("callbacks", cfg.callbacks, registry.CALLBACKS, available)
         if save_folder is not None:
             callbacks.append(CheckpointHashes())
 
