@@ -52,6 +52,7 @@ __all__ = [
     "build_section",
     "check_components",
     "check_options",
+    "check_run_keys",
     "check_value",
     "load_config",
     "parse_overrides",
@@ -131,15 +132,7 @@ class TrainConfig:
     export_encoder: str | None = None  #: write the trained encoder's timm state dict here at the end
 
     def __post_init__(self) -> None:
-        from composer.core import Time
-
-        if self.precision is not None and self.precision not in _PRECISIONS:
-            raise ConfigError(f"precision: {self.precision!r} is not valid; choose one of {', '.join(_PRECISIONS)}")
-        if self.device is not None and self.device not in _DEVICES:
-            raise ConfigError(f"device: {self.device!r} is not valid; choose one of {', '.join(_DEVICES)}")
-        mb = self.device_train_microbatch_size
-        if (isinstance(mb, str) and mb != "auto") or (isinstance(mb, int) and mb < 1):
-            raise ConfigError(f"device_train_microbatch_size: expected a positive integer or 'auto', got {mb!r}")
+        check_run_keys(self, _TIME_KEYS)
         # an option whose subject is missing would be accepted and then ignored
         for key, needs in (
             ("eval_interval", "eval_data"),
@@ -151,40 +144,62 @@ class TrainConfig:
                 raise ConfigError(f"{key}: has no effect without {needs}; set {needs}, or {key}=null to drop it")
         if self.save_overwrite is not None and self.save_folder is None and self.export_encoder is None:
             raise ConfigError("save_overwrite: has no effect without save_folder or export_encoder")
-        if self.cpu_threads is not None and self.device not in (None, "cpu"):
-            raise ConfigError(f"cpu_threads: applies to CPU runs only, but device is {self.device!r}")
-        for key in _TIME_KEYS:
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if isinstance(value, int) and key == "eval_interval":
-                if value < 0:
-                    raise ConfigError(f"eval_interval: must be >= 0 (0: only at the end), got {value}")
-                continue
-            try:
-                time = Time.from_timestring(value)
-            except (ValueError, TypeError):
-                raise ConfigError(
-                    f"{key}: {value!r} is not a Composer time string (an integer and a unit: ep, ba, sp, tok, dur, "
-                    "e.g. '10ep')"
-                ) from None
-            if time.value <= 0 and key == "max_duration":
-                raise ConfigError(f"max_duration: must be positive, got {value!r}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed: must be in [0, 2**32 - 1], got {self.seed}")
-        for key, minimum in (("cpu_threads", 1), ("save_num_checkpoints_to_keep", -1)):
-            value = getattr(self, key)
-            if value is not None and value < minimum:
-                raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
-        if not self.dist_timeout > 0:
-            raise ConfigError(f"dist_timeout: must be a positive number of seconds, got {self.dist_timeout}")
+        if self.save_num_checkpoints_to_keep is not None and self.save_num_checkpoints_to_keep < -1:
+            raise ConfigError(f"save_num_checkpoints_to_keep: must be >= -1, got {self.save_num_checkpoints_to_keep}")
         if self.autoresume and (self.save_folder is None or self.run_name is None):
             missing = " and ".join(k for k in ("save_folder", "run_name") if getattr(self, k) is None)
             raise ConfigError(f"autoresume: true needs {missing} (the run's checkpoints are found by both)")
-        if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", self.run_name):
+
+
+def check_run_keys(cfg: Any, time_keys: tuple[str, ...]) -> None:
+    """Checks the run keys that training and evaluation recipes share, where ``cfg`` has them: ``precision``,
+    ``device``, ``cpu_threads``, ``device_train_microbatch_size``, ``seed``, ``dist_timeout``, ``run_name``, and the
+    Composer time strings named by ``time_keys`` (``max_duration`` must be positive; an integer ``eval_interval``
+    counts epochs, 0 for only at the end).
+
+    Raises:
+        ConfigError: naming the key and what is valid.
+    """
+    from composer.core import Time
+
+    def get(key: str) -> Any:
+        return getattr(cfg, key, None)
+
+    if get("precision") is not None and cfg.precision not in _PRECISIONS:
+        raise ConfigError(f"precision: {cfg.precision!r} is not valid; choose one of {', '.join(_PRECISIONS)}")
+    if get("device") is not None and cfg.device not in _DEVICES:
+        raise ConfigError(f"device: {cfg.device!r} is not valid; choose one of {', '.join(_DEVICES)}")
+    mb = get("device_train_microbatch_size")
+    if (isinstance(mb, str) and mb != "auto") or (isinstance(mb, int) and mb < 1):
+        raise ConfigError(f"device_train_microbatch_size: expected a positive integer or 'auto', got {mb!r}")
+    if get("cpu_threads") is not None:
+        if get("device") not in (None, "cpu"):
+            raise ConfigError(f"cpu_threads: applies to CPU runs only, but device is {cfg.device!r}")
+        if cfg.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
+    for key in time_keys:
+        value = get(key)
+        if value is None:
+            continue
+        if isinstance(value, int) and key == "eval_interval":
+            if value < 0:
+                raise ConfigError(f"eval_interval: must be >= 0 (0: only at the end), got {value}")
+            continue
+        try:
+            time = Time.from_timestring(value)
+        except (ValueError, TypeError):
             raise ConfigError(
-                f"run_name: {self.run_name!r} must be letters, digits, '.', '_' or '-' (it names folders)"
-            )
+                f"{key}: {value!r} is not a Composer time string (an integer and a unit: ep, ba, sp, tok, dur, "
+                "e.g. '10ep')"
+            ) from None
+        if time.value <= 0 and key == "max_duration":
+            raise ConfigError(f"max_duration: must be positive, got {value!r}")
+    if get("seed") is not None and not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed: must be in [0, 2**32 - 1], got {cfg.seed}")
+    if get("dist_timeout") is not None and not cfg.dist_timeout > 0:
+        raise ConfigError(f"dist_timeout: must be a positive number of seconds, got {cfg.dist_timeout}")
+    if get("run_name") is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run_name):
+        raise ConfigError(f"run_name: {cfg.run_name!r} must be letters, digits, '.', '_' or '-' (it names folders)")
 
 
 #: The owner of each section: where its keys come from (see the module's documentation).
