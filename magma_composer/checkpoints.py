@@ -48,6 +48,8 @@ __all__ = [
     "HASH_SUFFIX",
     "LATEST_CHECKPOINT",
     "RUN_RECORD",
+    "ENCODER_SIDECAR_FORMAT",
+    "ENCODER_SIDECAR_SUFFIX",
     "CheckpointError",
     "CheckpointHashes",
     "RunRecord",
@@ -67,6 +69,10 @@ __all__ = [
 RUN_RECORD = "run.json"
 #: The suffix of the hash file written beside a checkpoint or an exported file.
 HASH_SUFFIX = ".sha256"
+#: The suffix of the architecture record :func:`export_encoder` writes beside an exported encoder.
+ENCODER_SIDECAR_SUFFIX = ".json"
+#: The ``format`` tag of that record.
+ENCODER_SIDECAR_FORMAT = "magma_composer.encoder/1"
 #: The symlink to the newest checkpoint that Composer writes (``save_latest_filename`` for rank 0) and autoresume reads.
 LATEST_CHECKPOINT = "latest-rank0.pt"
 
@@ -226,11 +232,14 @@ def write_with_hash(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any
 
 
 def export_encoder(model: torch.nn.Module, path: str) -> str:
-    """Writes the encoder's timm state dict, atomically, with ``<path>.sha256`` beside it.
+    """Writes the encoder's timm state dict, atomically, with ``<path>.sha256`` and ``<path>.json`` beside it.
 
-    Load it with ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(path))``. Tensors are
-    moved to the CPU first, so the file loads on a machine without the training accelerator. An ``s3://`` path
-    is written locally first and uploaded with its hash file.
+    Load it with ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(path))``, or with
+    :func:`magma_composer.evaluate.encoders.load_encoder`, which rebuilds the ViT from ``<path>.json``: the
+    encoder's architecture (:func:`~magma_composer.models.mae.encoder_architecture`, whose ``num_heads`` no tensor
+    shape shows) and the file's sha256, so a sidecar left beside another file is recognised. Tensors are moved to
+    the CPU first, so the file loads on a machine without the training accelerator. An ``s3://`` path is written
+    locally first and uploaded with its hash file and sidecar.
 
     Args:
         model (torch.nn.Module): a :class:`~magma_composer.models.ComposerMAE` (or a wrapper with ``.module``)
@@ -240,10 +249,22 @@ def export_encoder(model: torch.nn.Module, path: str) -> str:
     Returns:
         str: the sha256 of the file written.
     """
+    from magma_composer.models.mae import encoder_architecture
+
     net = getattr(model, "module", model)
     state = {name: tensor.detach().cpu() for name, tensor in net.encoder.state_dict().items()}
+    architecture = encoder_architecture(net.encoder)
+
+    def sidecar(digest: str) -> bytes:
+        record = {"format": ENCODER_SIDECAR_FORMAT, "sha256": digest, "architecture": architecture}
+        return (json.dumps(record, indent=2) + "\n").encode()
+
     if not is_remote(path):
-        return write_with_hash(path, lambda f: torch.save(state, f))
+        # a sidecar of the file being replaced goes first: a crash then leaves no record that describes another file
+        Path(path + ENCODER_SIDECAR_SUFFIX).unlink(missing_ok=True)
+        digest = write_with_hash(path, lambda f: torch.save(state, f))
+        write_atomic(path + ENCODER_SIDECAR_SUFFIX, lambda f: f.write(sidecar(digest)))
+        return digest
     from magma_composer.data.storage import upload_file, write_bytes
 
     with tempfile.TemporaryDirectory(prefix="magma-export-") as tmp:
@@ -251,6 +272,7 @@ def export_encoder(model: torch.nn.Module, path: str) -> str:
         digest = write_atomic(local, lambda f: torch.save(state, f))
         upload_file(str(local), path)
         write_bytes(path + HASH_SUFFIX, f"{digest}  {local.name}\n".encode())
+        write_bytes(path + ENCODER_SIDECAR_SUFFIX, sidecar(digest))
     return digest
 
 

@@ -12,13 +12,14 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 
 from magma_composer.models.pos_embed import sincos_2d
-from magma_composer.options import OptionError, check_int, check_number
+from magma_composer.options import OptionError, check_choice, check_int, check_number
 from magma_composer.seeding import seeded_generator
 
 __all__ = [
     "ComposerMAE",
     "InputTransform",
     "MaskedAutoencoder",
+    "encoder_architecture",
     "random_masking",
     "patchify",
     "unpatchify",
@@ -131,6 +132,29 @@ def _build_encoder(
     if not isinstance(vit, VisionTransformer):
         raise OptionError("encoder", f"{encoder!r} is a {type(vit).__name__}, not a timm VisionTransformer")
     return vit
+
+
+def encoder_architecture(vit: VisionTransformer) -> dict[str, Any]:
+    """The sizes that rebuild ``vit`` with :class:`~timm.models.vision_transformer.VisionTransformer`.
+
+    ``num_heads`` is the one size a state dict's shapes do not show, so checkpoints and exported encoders record
+    these (``ComposerMAE`` in its extra state, ``export_encoder`` in a ``.json`` beside the file).
+
+    Returns:
+        dict: ``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, ``img_size``, ``in_chans`` (ints),
+        ``mlp_ratio`` (float) and ``qkv_bias`` (bool).
+    """
+    block = vit.blocks[0]
+    return {
+        "embed_dim": int(vit.embed_dim),
+        "depth": len(vit.blocks),
+        "num_heads": int(block.attn.num_heads),
+        "patch_size": int(vit.patch_embed.patch_size[0]),
+        "img_size": int(vit.patch_embed.img_size[0]),
+        "in_chans": int(vit.patch_embed.proj.in_channels),
+        "mlp_ratio": block.mlp.fc1.out_features / vit.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None,
+    }
 
 
 class MaskedAutoencoder(nn.Module):
@@ -393,11 +417,27 @@ class ComposerMAE(ComposerModel):
         masked, recon = self.reconstruct(images, seed=seed)
         return [("original", images), ("masked input", masked), ("reconstruction", recon)]
 
-    def get_extra_state(self) -> dict[str, int]:
-        """The mask generator's seed and position, saved with the weights."""
-        return {"mask_seed": self.mask_seed, "mask_step": self._mask_step}
+    def get_extra_state(self) -> dict[str, Any]:
+        """The mask generator's seed and position, and the encoder's architecture, saved with the weights.
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+        The architecture (:func:`encoder_architecture`) lets an evaluation rebuild the encoder from the checkpoint
+        alone: its ``num_heads`` is not visible in any tensor's shape.
+        """
+        return {
+            "mask_seed": self.mask_seed,
+            "mask_step": self._mask_step,
+            "encoder": encoder_architecture(self.net.encoder),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # checkpoints written before the architecture was recorded have only the mask entries
+        recorded = state.get("encoder")
+        if recorded is not None:
+            current = encoder_architecture(self.net.encoder)
+            differ = {k: (v, current.get(k)) for k, v in recorded.items() if current.get(k) != v}
+            if differ:
+                shown = ", ".join(f"{k} {saved!r} (this model: {now!r})" for k, (saved, now) in differ.items())
+                raise ValueError(f"the checkpoint's encoder differs from this model's: {shown}; build the same model")
         self.mask_seed, self._mask_step = int(state["mask_seed"]), int(state["mask_step"])
 
     def _mask_generator(self, device: torch.device) -> torch.Generator:
@@ -436,10 +476,17 @@ class ComposerMAE(ComposerModel):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """CLS token after the final LayerNorm on whole, unmasked data-set images (``B x D``)."""
+    def extract_features(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """Features of whole, unmasked data-set images (``B x D``), from the tokens after the final LayerNorm.
+
+        Args:
+            images (torch.Tensor): ``B x C x H x W`` images as the data set yields them.
+            pool (str): ``'cls'``: the CLS token (the papers' kNN and linear-probe feature); ``'mean'``: the mean
+                of the patch tokens (the CLS token excluded).
+        """
+        check_choice("pool", pool, ("cls", "mean"))
         latent, _, _ = self.net.encode(self.prepare_images(images), 0.0)
-        return latent[:, 0]
+        return latent[:, 0] if pool == "cls" else latent[:, self.net.num_prefix_tokens :].mean(dim=1)
 
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, torch.Tensor]:
         if outputs is not None:

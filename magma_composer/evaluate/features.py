@@ -1,0 +1,376 @@
+"""Frozen features of a loaded encoder: pooling, extraction on one or several ranks, and an on-disk cache.
+
+* :func:`encode` runs a timm ViT on whole images (nothing masked) and pools the tokens after its final norm: the
+  CLS token (``'cls'``, the papers' feature; the same numbers as ``ComposerMAE.extract_features``) or the mean of
+  the patch tokens (``'mean'``).
+* :func:`extract_features` encodes a loader's ``(images, labels, indices)`` batches. On several ranks each encodes
+  its share, the shares are gathered, and samples are deduplicated and sorted by index: the result is the same on
+  one rank or N (a distributed sampler's padding repeats samples; they appear once).
+* :func:`cached_features` keeps those features on disk, keyed by the encoder's hash, the pooling, the precision
+  and the caller's description of the data; the key is stored in the file and compared when reading, so a
+  mismatched or damaged file is recomputed, never trusted. :class:`FeatureOptions` owns the recipe's
+  ``features:`` section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
+
+from magma_composer.evaluate.encoders import LoadedEncoder
+from magma_composer.options import OptionError, check_choice
+
+__all__ = [
+    "CACHE_FORMAT",
+    "POOLS",
+    "PRECISIONS",
+    "FeatureOptions",
+    "cache_key",
+    "cached_features",
+    "default_cache_dir",
+    "encode",
+    "extract_features",
+]
+
+log = logging.getLogger(__name__)
+
+#: Feature pooling: the CLS token, or the mean of the patch tokens.
+POOLS = ("cls", "mean")
+#: Precisions of the encoder's forward (``None``: ``amp_bf16`` on a GPU, ``fp32`` on a CPU).
+PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
+#: The ``format`` entry of every cache file's key.
+CACHE_FORMAT = "magma_composer.features/1"
+
+_GATHER_ROWS = 65536  # rows per all-gather: bounds the accelerator memory a gather takes
+
+
+def encode(
+    vit: VisionTransformer,
+    images: torch.Tensor,
+    pool: str = "cls",
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``B x D`` features of whole images: the ViT's tokens after its final norm, pooled.
+
+    Args:
+        vit (VisionTransformer): a timm ViT with one CLS token.
+        images (torch.Tensor): ``B x C x H x W`` data-set images (on the ViT's device).
+        pool (str): ``'cls'``: the CLS token; ``'mean'``: the mean of the patch tokens (prefix tokens excluded).
+        prepare (Callable, optional): applied to ``images`` first (a PCA basis's standardisation).
+
+    Raises:
+        ValueError: the images' shape is not the one the encoder takes.
+    """
+    check_choice("pool", pool, POOLS)
+    expected = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(expected):
+        raise ValueError(
+            f"the encoder takes B x {expected[0]} x {expected[1]} x {expected[2]} images, got "
+            f"{tuple(images.shape)}: set the data's image_size to {expected[1]} (and its channels to {expected[0]})"
+        )
+    x = images if prepare is None else prepare(images)
+    tokens = vit.forward_features(x)
+    return tokens[:, 0] if pool == "cls" else tokens[:, vit.num_prefix_tokens :].mean(dim=1)
+
+
+def _resolve_precision(precision: str | None, device: torch.device) -> str:
+    if precision is None:
+        return "amp_bf16" if device.type == "cuda" else "fp32"
+    return check_choice("precision", precision, PRECISIONS)
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 3:
+        images, labels, indices = batch
+        return images, torch.as_tensor(labels).long(), torch.as_tensor(indices).long()
+    found = f"a {len(batch)}-tuple" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+    raise ValueError(
+        f"feature extraction needs batches of (images, labels, indices), got {found}: build the loader with "
+        "return_index=True (StreamingImageDataset / build_image_dataloader)"
+    )
+
+
+def _gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """All ranks' rows (a 1-D or 2-D tensor each, maybe of different lengths), concatenated in rank order, on CPU."""
+    from composer.utils import dist
+
+    width = local.shape[1] if local.dim() == 2 else 0
+    sizes = torch.tensor([local.shape[0], width], device=device)
+    all_sizes = [s.cpu() for s in dist.all_gather(sizes)]
+    counts = [int(s[0]) for s in all_sizes]
+    width = max(int(s[1]) for s in all_sizes)
+    shape = (width,) if local.dim() == 2 else ()
+    parts: list[list[torch.Tensor]] = [[] for _ in counts]
+    for start in range(0, max(counts), _GATHER_ROWS):
+        rows = min(_GATHER_ROWS, max(counts) - start)
+        chunk = torch.zeros((rows, *shape), dtype=local.dtype, device=device)
+        mine = local[start : start + rows]
+        if len(mine):
+            chunk[: len(mine)] = mine.to(device)
+        for rank, got in enumerate(dist.all_gather(chunk)):
+            keep = max(0, min(rows, counts[rank] - start))
+            parts[rank].append(got[:keep].cpu())
+    return torch.cat([torch.cat(p) for p in parts])
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: LoadedEncoder,
+    loader: Iterable,
+    pool: str = "cls",
+    device: torch.device | str = "cpu",
+    precision: str | None = None,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every sample a loader yields, identical on one rank or several.
+
+    Args:
+        encoder (LoadedEncoder): the encoder (its ``prepare`` is applied to the images).
+        loader (Iterable): yields ``(images, labels, indices)`` (a data set with ``return_index=True``); on several
+            ranks each rank's loader yields its share (a distributed sampler).
+        pool (str): ``'cls'`` or ``'mean'`` (see :func:`encode`).
+        device (torch.device | str): where the encoder runs; it is moved back to where it was afterwards.
+        precision (str, optional): ``'fp32'``, ``'amp_bf16'`` or ``'amp_fp16'`` (autocast; features are returned
+            in float32). Default: ``amp_bf16`` on a GPU, ``fp32`` on a CPU.
+        progress (bool): a progress bar (rank 0).
+        desc (str): the progress bar's label.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``N x D`` float32 features and ``N`` int64 labels on the CPU, one row per
+        distinct sample index, sorted by index.
+
+    Raises:
+        ValueError: batches without indices, images of the wrong shape, no sample at all, or one index with two
+            different labels (the indices do not identify samples).
+    """
+    from composer.utils import dist
+
+    check_choice("pool", pool, POOLS)
+    device = torch.device(device)
+    precision = _resolve_precision(precision, device)
+    vit = encoder.vit
+    home, was_training = next(vit.parameters()).device, vit.training
+    vit.to(device).eval()
+    feats, labels, indices = [], [], []
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress or dist.get_global_rank() != 0, leave=False):
+            images, y, index = _batch_parts(batch)
+            with _autocast(precision, device):
+                out = encode(vit, images.to(device, non_blocking=True), pool, encoder.prepare)
+            feats.append(out.float().cpu())
+            labels.append(y.cpu())
+            indices.append(index.cpu())
+    finally:
+        vit.to(home).train(was_training)
+    width = feats[0].shape[1] if feats else 0
+    f = torch.cat(feats) if feats else torch.zeros(0, width)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    if dist.get_world_size() > 1:
+        # gloo gathers CPU tensors; NCCL needs them on the rank's GPU
+        where = device if device.type == "cuda" else torch.device("cpu")
+        f, y, index = (_gather_rows(t, where) for t in (f, y, index))
+    if len(index) == 0:
+        raise ValueError(f"{desc}: the loader yielded no samples: cannot extract features")
+    order = torch.argsort(index, stable=True)
+    index, f, y = index[order], f[order], y[order]
+    first = torch.ones(len(index), dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    # a repeated index (a sampler's padding) must be the same sample: check its label
+    run = torch.cumsum(first.long(), 0) - 1
+    if not torch.equal(y, y[first][run]):
+        bad = int(index[(y != y[first][run]).nonzero()[0, 0]])
+        raise ValueError(f"{desc}: sample index {bad} came with two different labels; indices must identify samples")
+    return f[first].contiguous(), y[first].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------- the cache
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/magma_composer/features`` (``~/.cache/magma_composer/features`` without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "magma_composer" / "features"
+
+
+def cache_key(encoder: LoadedEncoder, pool: str, precision: str, data: dict[str, Any]) -> dict[str, Any]:
+    """What a cached feature file must match: the encoder's hash (and its basis'), pooling, precision and data.
+
+    Raises:
+        TypeError: ``data`` does not serialise to JSON.
+    """
+    key = {
+        "format": CACHE_FORMAT,
+        "encoder_sha256": encoder.sha256,
+        "basis_sha256": encoder.basis_sha256,
+        "pool": pool,
+        "precision": precision,
+        "data": data,
+    }
+    try:  # canonical form: the same description always names the same file
+        return json.loads(json.dumps(key, sort_keys=True))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the data key of a feature cache must be JSON values, got {data!r} ({exc})") from None
+
+
+def _cache_file(folder: Path, key: dict[str, Any]) -> Path:
+    return folder / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40] + ".pt")
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached features if ``path`` holds exactly ``key``'s, else ``None`` (a damaged file is logged)."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        log.warning("feature cache %s is unreadable (%s: %s); recomputing it", path, type(exc).__name__, exc)
+        return None
+    f = payload.get("features") if isinstance(payload, dict) else None
+    y = payload.get("labels") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or payload.get("key") != key:
+        log.warning("feature cache %s holds another key than this encoder's and data's; recomputing it", path)
+        return None
+    valid = (
+        isinstance(f, torch.Tensor)
+        and isinstance(y, torch.Tensor)
+        and f.dim() == 2
+        and f.dtype == torch.float32
+        and y.dim() == 1
+        and y.dtype == torch.int64
+        and len(f) == len(y) > 0
+    )
+    if not valid:
+        log.warning("feature cache %s does not hold N x D float32 features and N int64 labels; recomputing it", path)
+        return None
+    return f, y
+
+
+def cached_features(
+    encoder: LoadedEncoder,
+    loader: Iterable,
+    data: dict[str, Any],
+    pool: str = "cls",
+    cache_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    precision: str | None = None,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features`, read from or written to the feature cache.
+
+    Every rank reads the file; if any rank cannot use it, all ranks extract, and rank 0 writes the file atomically
+    (:func:`~magma_composer.checkpoints.write_atomic`). A file that cannot be written is a warning, not a failure:
+    the features are still returned.
+
+    Args:
+        encoder (LoadedEncoder): the encoder; its ``sha256`` (and ``basis_sha256``) identify it.
+        loader (Iterable): see :func:`extract_features`.
+        data (dict): JSON values describing the data exactly (remote, split, image size, normalisation, resize
+            ratio, sample limit...): features of other data must have another description.
+        pool (str): see :func:`extract_features`.
+        cache_dir (str | PathLike, optional): the cache folder. Default: :func:`default_cache_dir`.
+        device, precision, progress, desc: see :func:`extract_features`.
+    """
+    from composer.utils import dist
+
+    from magma_composer.checkpoints import write_atomic
+
+    check_choice("pool", pool, POOLS)
+    resolved = _resolve_precision(precision, torch.device(device))
+    key = cache_key(encoder, pool, resolved, data)
+    path = _cache_file(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
+    hit = _read_cache(path, key)
+    usable = hit is not None
+    if dist.get_world_size() > 1:
+        flag = torch.tensor([int(usable)], device="cuda" if torch.device(device).type == "cuda" else "cpu")
+        dist.all_reduce(flag, reduce_operation="MIN")
+        usable = bool(flag.item())
+    if usable:
+        log.info("%s: features read from the cache %s", desc, path)
+        return hit  # type: ignore[return-value]
+    features, labels = extract_features(encoder, loader, pool, device, resolved, progress, desc)
+    if dist.get_global_rank() == 0:
+        payload = {"key": key, "features": features, "labels": labels}
+        try:
+            write_atomic(path, lambda f: torch.save(payload, f))
+        except OSError as exc:
+            log.warning("%s: the feature cache %s could not be written (%s); continuing without it", desc, path, exc)
+    dist.barrier()
+    return features, labels
+
+
+class FeatureOptions:
+    """How frozen features are computed (the recipe's ``features:`` section).
+
+    Args:
+        pool (str): ``'cls'`` (the CLS token after the final norm, the papers' default) or ``'mean'`` (the mean of
+            the patch tokens).
+        cache (bool): keep features on disk (keyed by the encoder's hash and the data) and reuse them.
+        cache_dir (str, optional): the cache folder; default ``$XDG_CACHE_HOME/magma_composer/features``.
+        precision (str, optional): ``'fp32'``, ``'amp_bf16'`` or ``'amp_fp16'``; default ``amp_bf16`` on a GPU,
+            ``fp32`` on a CPU (injected from the run's ``precision``).
+    """
+
+    def __init__(
+        self, pool: str = "cls", cache: bool = True, cache_dir: str | None = None, precision: str | None = None
+    ) -> None:
+        check_choice("pool", pool, POOLS)
+        if not isinstance(cache, bool):
+            raise OptionError("cache", f"expected true or false, got {cache!r}")
+        if cache_dir is not None:
+            if not cache:
+                raise OptionError("cache_dir", "has no effect with cache: false; drop cache_dir or set cache: true")
+            from magma_composer.checkpoints import CheckpointError, check_output_folder
+
+            try:
+                check_output_folder(cache_dir, "cache_dir")
+            except CheckpointError as exc:
+                raise OptionError("cache_dir", str(exc).removeprefix("cache_dir: ")) from None
+        if precision is not None:
+            check_choice("precision", precision, PRECISIONS)
+        self.pool = pool
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.precision = precision
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureOptions(pool={self.pool!r}, cache={self.cache}, cache_dir={self.cache_dir!r}, "
+            f"precision={self.precision!r})"
+        )
+
+    def features(
+        self,
+        encoder: LoadedEncoder,
+        loader: Iterable,
+        data_key: dict[str, Any],
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+        desc: str = "features",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of ``loader`` (see :func:`extract_features`), through the cache if enabled.
+
+        Args:
+            data_key (dict): JSON values that describe the data (see :func:`cached_features`).
+        """
+        if not self.cache:
+            return extract_features(encoder, loader, self.pool, device, self.precision, progress, desc)
+        return cached_features(
+            encoder, loader, data_key, self.pool, self.cache_dir, device, self.precision, progress, desc
+        )
