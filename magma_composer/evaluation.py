@@ -1,12 +1,18 @@
-"""Evaluation of frozen encoders: weighted kNN (docs/algorithms.md §4) and a closed-form linear probe."""
+"""Evaluation of frozen encoders for the monitors: feature extraction, weighted kNN and the fast linear probe.
+
+The protocols themselves live in :mod:`magma_composer.evaluate` (docs/algorithms.md §4); these are the thin forms
+that :class:`~magma_composer.callbacks.KNNMonitor` uses.
+"""
 
 from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
+
+from magma_composer.evaluate.knn import knn_grid
+from magma_composer.evaluate.linear import DEFAULT_L2, fit_linear_probe
 
 __all__ = ["extract_features", "knn_top1", "linear_probe_top1"]
 
@@ -37,7 +43,6 @@ def extract_features(
     return f, y
 
 
-@torch.no_grad()
 def knn_top1(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -49,45 +54,41 @@ def knn_top1(
 ) -> dict[int, float]:
     """Weighted kNN top-1 accuracy in % (cosine similarity, votes weighted by ``exp(sim / T)``).
 
+    The cosine, single-temperature case of :func:`magma_composer.evaluate.knn.knn_grid`; a query of a class that
+    the bank lacks counts as an error (a monitor's capped bank may miss a class).
+
     Returns:
         ``{k: accuracy}`` for each requested k.
     """
-    ks = [k] if isinstance(k, int) else list(k)
-    if not ks or min(ks) < 1:
-        raise ValueError(f"k must be positive integers, got {ks}")
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    kmax = min(max(ks), len(train))
-    correct = {kk: 0 for kk in ks}
-    for start in range(0, len(test), chunk):
-        sims = test[start : start + chunk] @ train.T
-        top_sim, top_idx = sims.topk(kmax, dim=1)
-        top_lab = train_labels[top_idx]
-        weights = (top_sim / temperature).exp()
-        truth = test_labels[start : start + chunk]
-        for kk in ks:
-            kk_ = min(kk, kmax)
-            votes = torch.zeros(len(truth), num_classes)
-            votes.scatter_add_(1, top_lab[:, :kk_], weights[:, :kk_])
-            correct[kk] += int((votes.argmax(dim=1) == truth).sum())
-    return {kk: 100.0 * c / len(test) for kk, c in correct.items()}
+    grid = knn_grid(
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        k=k,
+        temperature=(temperature,),
+        distance=("cosine",),
+        chunk=chunk,
+        allow_unseen_classes=True,
+    )
+    return {record["k"]: record["top1"] for record in grid}
 
 
-@torch.no_grad()
 def linear_probe_top1(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
-    l2: float = 1e-3,
+    l2: float | Sequence[float] = DEFAULT_L2,
+    device: torch.device | str | None = None,
 ) -> float:
-    """Closed-form ridge-regression linear probe on standardised features (a fast monitor), top-1 in %."""
-    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
-    x = torch.cat([(train_features - mean) / std, torch.ones(len(train_features), 1)], dim=1).double()
-    xt = torch.cat([(test_features - mean) / std, torch.ones(len(test_features), 1)], dim=1).double()
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    targets = F.one_hot(train_labels, num_classes).double()
-    gram = x.T @ x + l2 * len(x) * torch.eye(x.shape[1], dtype=x.dtype)
-    w = torch.linalg.solve(gram, x.T @ targets)
-    return 100.0 * float(((xt @ w).argmax(1) == test_labels).double().mean())
+    """Top-1 in % of the fast linear probe (:func:`magma_composer.evaluate.linear.fit_linear_probe`: logistic
+    regression on standardised features by L-BFGS, ``l2`` chosen on held-out training features).
+
+    A monitor's figure: queries of classes absent from training count as errors. ``device``: where to fit
+    (default: the features' device).
+    """
+    result = fit_linear_probe(
+        train_features, train_labels, test_features, test_labels, l2=l2, device=device, allow_unseen_classes=True
+    )
+    return result["top1"]

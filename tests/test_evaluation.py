@@ -1,10 +1,17 @@
-"""kNN (docs/algorithms.md §4) against a direct implementation, and the linear probe."""
+"""The monitors' forms: kNN (docs/algorithms.md §4) against a direct implementation, the fast linear probe, and the
+KNNMonitor's linear-probe and pooling options in a real run."""
 
 import math
 
+import pytest
 import torch
 
+from magma_composer.callbacks.knn_monitor import KNNMonitor
+from magma_composer.config import validate
 from magma_composer.evaluation import knn_top1, linear_probe_top1
+from magma_composer.options import OptionError
+from magma_composer.train import build_trainer
+from tests.conftest import tiny_recipe
 
 
 def brute_knn(train, ytrain, test, ytest, k, t):
@@ -37,3 +44,41 @@ def test_linear_probe_separable():
     x = torch.randn(300, 5, generator=g) * 0.1
     x[torch.arange(300), y] += 2.0
     assert linear_probe_top1(x[:200], y[:200], x[200:], y[200:]) == 100.0
+    # a monitor's figure: test classes missing from the bank count as errors instead of stopping the run
+    assert linear_probe_top1(x[:200], y[:200].clamp_max(1), x[200:], y[200:]) < 100.0
+
+
+def test_knn_top1_counts_classes_missing_from_the_bank_as_errors():
+    train, ytrain = torch.eye(4), torch.arange(4)
+    test, ytest = torch.eye(4)[[0, 1, 2]], torch.tensor([0, 1, 7])
+    assert knn_top1(train, ytrain, test, ytest, k=[1]) == {1: pytest.approx(200.0 / 3)}
+
+
+def test_knn_monitor_linear_probe_and_mean_pooling(demo_mds):
+    recipe = tiny_recipe(
+        demo_mds,
+        eval_data={"remote": str(demo_mds), "split": "test", "batch_size": 40, "num_workers": 0},
+        callbacks={"knn_monitor": {"k": [5], "linear_probe": True, "pool": "mean"}},
+        max_duration="2ba",
+    )
+    trainer = build_trainer(validate(recipe))
+    seen_pools = []
+    mae = trainer.state.model
+    original = mae.extract_features
+
+    def spy(images, pool="cls"):
+        seen_pools.append(pool)
+        return original(images, pool=pool)
+
+    mae.extract_features = spy
+    trainer.fit()
+    trainer.close()
+    knn = next(cb for cb in trainer.state.callbacks if isinstance(cb, KNNMonitor))
+    assert seen_pools and set(seen_pools) == {"mean"}
+    assert [label for label, _ in knn.probe_history] == ["init", "final"]
+    assert all(0.0 <= v <= 100.0 for _, v in knn.probe_history)
+    lines = knn.summary().splitlines()
+    assert lines[0].startswith("kNN top-1 (k=5): init ")
+    assert lines[1] == "linear-probe top-1: " + "  ->  ".join(f"{lb} {v:.2f} %" for lb, v in knn.probe_history)
+    with pytest.raises(OptionError, match="pool"):
+        KNNMonitor(None, None, pool="max")

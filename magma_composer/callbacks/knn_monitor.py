@@ -1,7 +1,9 @@
-"""kNN monitor: top-1 kNN accuracy of the encoder's features, at the start, during and at the end of training."""
+"""kNN monitor: top-1 kNN (and optionally fast linear-probe) accuracy of the encoder's features during training."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Sequence, Union
 
 import torch
@@ -10,20 +12,27 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from magma_composer.callbacks.interval import parse_interval
-from magma_composer.evaluation import extract_features, knn_top1
-from magma_composer.options import OptionError, check_int, check_number
+from magma_composer.callbacks.online_probe import fork_rng
+from magma_composer.evaluation import extract_features, knn_top1, linear_probe_top1
+from magma_composer.options import OptionError, check_choice, check_int, check_number
 
 __all__ = ["KNNMonitor"]
 
 
-def _encode_fn(model: torch.nn.Module):
+def encode_fn(model: torch.nn.Module, pool: str = "cls", who: str = "KNNMonitor"):
+    """``images -> B x D`` features from ``model.extract_features`` (``pool`` passed on only when not ``'cls'``)."""
     inner = getattr(model, "module", model)  # DDP
-    if hasattr(inner, "extract_features"):
-        return inner.extract_features
-    raise TypeError(
-        "KNNMonitor needs a model with extract_features(images) -> B x D (ComposerMAE has it); "
-        f"got {type(inner).__name__}"
-    )
+    extract = getattr(inner, "extract_features", None)
+    if extract is None:
+        raise TypeError(
+            f"{who} needs a model with extract_features(images) -> B x D (ComposerMAE has it); "
+            f"got {type(inner).__name__}"
+        )
+    if pool == "cls":
+        return extract
+    if "pool" not in inspect.signature(extract).parameters:
+        raise TypeError(f"{who}: pool={pool!r} needs {type(inner).__name__}.extract_features(images, pool=...)")
+    return functools.partial(extract, pool=pool)
 
 
 class KNNMonitor(Callback):
@@ -31,7 +40,9 @@ class KNNMonitor(Callback):
 
     Features of ``train_loader`` (the memory bank) and ``test_loader`` (the queries) come from
     ``model.extract_features``; on several ranks each rank encodes its share and the features are
-    gathered. Logged as ``knn/top1@k``.
+    gathered. Logged as ``knn/top1@k``; with ``linear_probe``, the fast linear probe
+    (:func:`magma_composer.evaluate.linear.fit_linear_probe`, default options) on the same features is logged
+    as ``linear_probe/top1``. Measuring consumes no random numbers of the run (``torch.random.fork_rng``).
 
     Args:
         train_loader: ``(images, labels)`` batches with the evaluation transform (the memory bank).
@@ -44,6 +55,9 @@ class KNNMonitor(Callback):
         max_train_samples (int, optional): cap on the memory bank size.
         max_test_samples (int, optional): cap on the queries.
         progress (bool): progress bars while encoding.
+        linear_probe (bool): also measure the fast linear probe's top-1 on the same features.
+        pool (str): ``'cls'`` (the CLS token) or ``'mean'`` (the mean of the patch tokens); passed to
+            ``model.extract_features(images, pool=...)``.
     """
 
     def __init__(
@@ -57,6 +71,8 @@ class KNNMonitor(Callback):
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
         progress: bool = False,
+        linear_probe: bool = False,
+        pool: str = "cls",
     ) -> None:
         self.train_loader = train_loader
         self.test_loader = test_loader
@@ -74,12 +90,16 @@ class KNNMonitor(Callback):
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
         self.progress = progress
+        self.linear_probe = bool(linear_probe)
+        self.pool = check_choice("pool", pool, ("cls", "mean"))
         #: ``[(label, {k: accuracy})]``: ``'init'``, ``'ep3'``/``'ba500'``..., ``'final'``
         self.history: list[tuple[str, dict[int, float]]] = []
+        #: ``[(label, linear-probe top-1)]`` at the same measurements, with ``linear_probe``
+        self.probe_history: list[tuple[str, float]] = []
 
     @torch.no_grad()
-    def measure(self, model: torch.nn.Module, device: torch.device) -> dict[int, float]:
-        """Encodes both loaders with ``model.extract_features`` and returns ``{k: top-1 %}`` (same on every rank).
+    def features(self, model: torch.nn.Module, device: torch.device) -> tuple[tuple, tuple]:
+        """``((bank features, labels), (query features, labels))`` from ``model.extract_features``, all ranks'.
 
         The model prepares the loaders' images itself (``ComposerMAE.prepare_images``), e.g. PCA masking's
         standardisation.
@@ -87,23 +107,36 @@ class KNNMonitor(Callback):
         was_training = model.training
         model.eval()
         try:
-            encode = _encode_fn(model)
+            encode = encode_fn(model, self.pool)
             progress = self.progress and dist.get_global_rank() == 0
-            bank = extract_features(encode, self.train_loader, device, self.max_train_samples, progress, "kNN bank")
-            query = extract_features(encode, self.test_loader, device, self.max_test_samples, progress, "kNN query")
+            with fork_rng(device):  # iterating a loader draws a seed: the run's random numbers stay untouched
+                bank = extract_features(encode, self.train_loader, device, self.max_train_samples, progress, "kNN bank")
+                query = extract_features(encode, self.test_loader, device, self.max_test_samples, progress, "kNN query")
         finally:
             model.train(was_training)
         if dist.get_world_size() > 1:
             gathered = dist.all_gather_object((bank, query))
             bank = tuple(torch.cat([g[0][i] for g in gathered]) for i in range(2))
             query = tuple(torch.cat([g[1][i] for g in gathered]) for i in range(2))
+        return bank, query
+
+    def measure(self, model: torch.nn.Module, device: torch.device) -> dict[int, float]:
+        """Encodes both loaders and returns ``{k: top-1 %}`` (same on every rank)."""
+        bank, query = self.features(model, device)
         return knn_top1(*bank, *query, k=self.ks, temperature=self.temperature)
 
     def _record(self, label: str, state: State, logger: Logger) -> None:
         device = next(state.model.parameters()).device
-        result = self.measure(state.model, device)
+        bank, query = self.features(state.model, device)
+        result = knn_top1(*bank, *query, k=self.ks, temperature=self.temperature)
         self.history.append((label, result))
-        logger.log_metrics({f"knn/top1@{k}": v for k, v in result.items()})
+        metrics = {f"knn/top1@{k}": v for k, v in result.items()}
+        if self.linear_probe:
+            # the same deterministic fit on every rank (identical gathered features): no broadcast needed
+            probe = linear_probe_top1(*bank, *query, device=device)
+            self.probe_history.append((label, probe))
+            metrics["linear_probe/top1"] = probe
+        logger.log_metrics(metrics)
 
     def _due(self, state: State, event: Event) -> bool:
         if self.interval is None:
@@ -139,9 +172,14 @@ class KNNMonitor(Callback):
         self._record("final", state, logger)
 
     def summary(self) -> str:
-        """One line per measurement: ``kNN top-1 (k=10) init 23.4 %  final 51.2 %``."""
+        """``kNN top-1 (k=10): init 23.40 %  ->  final 51.20 %``, and a line for the linear probe if measured."""
         if not self.history:
             return "kNN top-1: not measured"
         k0 = self.ks[0]
         parts = [f"{label} {res[k0]:.2f} %" for label, res in self.history]
-        return f"kNN top-1 (k={k0}): " + "  ->  ".join(parts)
+        lines = [f"kNN top-1 (k={k0}): " + "  ->  ".join(parts)]
+        if self.probe_history:
+            lines.append(
+                "linear-probe top-1: " + "  ->  ".join(f"{label} {v:.2f} %" for label, v in self.probe_history)
+            )
+        return "\n".join(lines)

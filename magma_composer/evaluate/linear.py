@@ -1,0 +1,218 @@
+"""The fast linear probe: L2-regularised multinomial logistic regression on frozen features, full batch, L-BFGS.
+
+docs/algorithms.md §4. Features are standardised with the mean and standard deviation (at least 1e-6) of the
+features the head is fitted on; the head ``(W, b)`` minimises
+
+    L(W, b) = (1 / N) sum_i CE(W x_i + b, y_i) + (l2 / 2) ||W||_F^2        (the bias is not decayed)
+
+from ``W = 0, b = 0`` with torch's L-BFGS (strong Wolfe line search) until the gradient or the change of the
+loss falls below the tolerances, or ``max_iter`` iterations. The objective is convex, so the result does not
+depend on the start. With several ``l2`` values, each is fitted on a seeded random ``1 - val_fraction`` of the
+training features and scored (top-1) on the rest; the best (ties: the larger l2) is refitted on all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from magma_composer.evaluate.knn import _as_list, check_labelled
+from magma_composer.options import check_choice, check_int, check_number
+
+__all__ = ["DEFAULT_L2", "FastLinearProbe", "fit_linear_probe", "fit_logistic", "topk_accuracy"]
+
+#: the default regularisation grid (mean cross-entropy scale: l2 ~ 1 / (C N) of scikit-learn's C)
+DEFAULT_L2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _standardise(fit_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean = fit_x.mean(0)
+    std = fit_x.std(0).clamp_min(1e-6) if len(fit_x) > 1 else torch.ones_like(mean)
+    return [(x - mean) / std for x in (fit_x, *others)]
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    max_iter: int = 500,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    tolerance_grad: float = 1e-6,
+    tolerance_change: float = 1e-9,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Minimises the module's objective on (already standardised) ``x``; returns ``(W, b, iterations)``.
+
+    ``W`` is ``D x C``, ``b`` is ``C``, in ``x``'s dtype and device. ``init`` starts from a previous solution
+    (a warm start along an l2 path; the optimum is the same).
+    """
+    d = x.shape[1]
+    w = torch.zeros(d, num_classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=tolerance_grad,
+        tolerance_change=tolerance_change,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    iterations = int(optimizer.state[optimizer.param_groups[0]["params"][0]].get("n_iter", 0))
+    return w.detach(), b.detach(), iterations
+
+
+def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Top-k accuracies in % (k capped at the number of classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == y[:, None]
+    return [100.0 * float(hits[:, : min(k, logits.shape[1])].any(1).double().mean()) for k in ks]
+
+
+@torch.no_grad()
+def fit_linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    l2: float | Sequence[float] = DEFAULT_L2,
+    val_fraction: float = 0.1,
+    max_iter: int = 500,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: str = "float32",
+    allow_unseen_classes: bool = False,
+) -> dict:
+    """Fits the fast linear probe on ``train`` features and scores it on ``test`` (module docstring).
+
+    Args:
+        train_x: ``N x D`` training features. train_y: ``N`` int labels (>= 0).
+        test_x: ``M x D`` test features. test_y: ``M`` int labels (>= 0).
+        l2: the weight decay ``l2`` of the objective, or a grid of them to choose from on held-out features.
+        val_fraction: share of the training features held out to choose ``l2`` (only with several values).
+        max_iter: L-BFGS iterations per fit.
+        seed: the held-out split's seed.
+        device: where to fit (default: the features' device).
+        dtype: ``'float32'`` or ``'float64'``.
+        allow_unseen_classes: score test classes absent from training as errors instead of refusing them.
+
+    Returns:
+        ``{"top1", "top5", "train_top1", "l2", "val": [{"l2", "top1", "iterations"}], "iterations",
+        "num_classes", "seconds"}`` (accuracies in %; ``val`` is empty with a single ``l2``).
+
+    Raises:
+        OptionError: a bad option. ValueError: bad features or labels, or too few training samples to hold out.
+    """
+    start = time.perf_counter()
+    l2s = [check_number(f"l2[{i}]", v, 0.0) for i, v in enumerate(_as_list("l2", l2, float))]
+    check_number("val_fraction", val_fraction, 0.0, 1.0, open_min=True, open_max=True)
+    check_int("max_iter", max_iter, 1)
+    check_int("seed", seed)
+    check_choice("dtype", dtype, tuple(_DTYPES))
+    check_labelled(train_x, train_y, test_x, test_y, allow_unseen_classes)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    device = torch.device(device) if device is not None else train_x.device
+    cast = _DTYPES[dtype]
+    train_x, test_x = train_x.to(device, cast), test_x.to(device, cast)
+    train_y, test_y = train_y.to(device, torch.long), test_y.to(device, torch.long)
+
+    val: list[dict] = []
+    chosen = l2s[0]
+    if len(l2s) > 1:
+        n_val = int(round(val_fraction * len(train_x)))
+        if n_val < 1 or n_val >= len(train_x):
+            raise ValueError(
+                f"val_fraction {val_fraction} of {len(train_x)} training samples leaves {n_val} to choose l2 "
+                "with and the rest to fit: give one l2 value or more samples"
+            )
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(device)
+        fit_idx, val_idx = order[n_val:], order[:n_val]
+        fit_x, val_x = _standardise(train_x[fit_idx], train_x[val_idx])
+        init = None
+        for value in sorted(l2s, reverse=True):  # strong to weak decay: each fit warm-starts the next
+            w, b, its = fit_logistic(fit_x, train_y[fit_idx], num_classes, value, max_iter, init)
+            init = (w, b)
+            (acc,) = topk_accuracy(val_x @ w + b, train_y[val_idx], (1,))
+            val.append({"l2": value, "top1": acc, "iterations": its})
+        chosen = max(val, key=lambda r: (r["top1"], r["l2"]))["l2"]
+    fit_x, eval_x = _standardise(train_x, test_x)
+    w, b, iterations = fit_logistic(fit_x, train_y, num_classes, chosen, max_iter)
+    top1, top5 = topk_accuracy(eval_x @ w + b, test_y)
+    (train_top1,) = topk_accuracy(fit_x @ w + b, train_y, (1,))
+    return {
+        "top1": top1,
+        "top5": top5,
+        "train_top1": train_top1,
+        "l2": chosen,
+        "val": val,
+        "iterations": iterations,
+        "num_classes": num_classes,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+class FastLinearProbe:
+    """The fast linear probe (the evaluation recipe's ``linear_fast:`` section); see :func:`fit_linear_probe`.
+
+    Args:
+        l2: weight decay values; with several, the best on a held-out share of the training features is refitted.
+        val_fraction: the held-out share used to choose ``l2``.
+        max_iter: L-BFGS iterations per fit.
+        seed: the held-out split's seed.
+        dtype: ``float32`` or ``float64``.
+    """
+
+    def __init__(
+        self,
+        l2: float | Sequence[float] = DEFAULT_L2,
+        val_fraction: float = 0.1,
+        max_iter: int = 500,
+        seed: int = 0,
+        dtype: str = "float32",
+    ) -> None:
+        self.l2 = [check_number(f"l2[{i}]", v, 0.0) for i, v in enumerate(_as_list("l2", l2, float))]
+        self.val_fraction = check_number("val_fraction", val_fraction, 0.0, 1.0, open_min=True, open_max=True)
+        self.max_iter = check_int("max_iter", max_iter, 1)
+        self.seed = check_int("seed", seed)
+        self.dtype = check_choice("dtype", dtype, tuple(_DTYPES))
+
+    def settings(self) -> dict:
+        """The protocol's settings, for the result record."""
+        return {"l2": self.l2, "val_fraction": self.val_fraction, "max_iter": self.max_iter, "dtype": self.dtype}
+
+    def run(
+        self,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        test_x: torch.Tensor,
+        test_y: torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> dict:
+        """Fits and scores the probe; returns :func:`fit_linear_probe`'s record."""
+        return fit_linear_probe(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            l2=self.l2,
+            val_fraction=self.val_fraction,
+            max_iter=self.max_iter,
+            seed=self.seed,
+            device=device,
+            dtype=self.dtype,
+        )
