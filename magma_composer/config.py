@@ -230,7 +230,12 @@ INJECTED: dict[str, tuple[str, ...]] = {
 }
 INJECTED["eval_data"] = INJECTED["train_data"]
 
-_COMPONENTS = {"algorithms": registry.ALGORITHMS, "callbacks": registry.CALLBACKS, "loggers": registry.LOGGERS}
+#: the registries of a training recipe's ``algorithms`` / ``callbacks`` / ``loggers`` sections
+COMPONENTS: dict[str, dict[str, str]] = {
+    "algorithms": registry.ALGORITHMS,
+    "callbacks": registry.CALLBACKS,
+    "loggers": registry.LOGGERS,
+}
 
 
 # ---------------------------------------------------------------------- keys and types against a signature
@@ -343,14 +348,14 @@ def check_options(owner: Any, options: Any, path: str, injected: tuple[str, ...]
     return out
 
 
-def check_components(section: str, entries: Any) -> dict:
+def check_components(section: str, entries: Any, reg: dict[str, str] | None = None) -> dict:
     """Checks an ``algorithms`` / ``callbacks`` / ``loggers`` section: ``{name: options}``, each name registered and
     its options checked against its class; ``name: false`` drops an entry, ``name: true`` means no options."""
     if entries is None:
         return {}
     if not isinstance(entries, dict):
         raise ConfigError(f"{section}: expected a mapping of name -> options, got {entries!r}")
-    reg = _COMPONENTS[section]
+    reg = COMPONENTS[section] if reg is None else reg
     kind = section[:-1]
     out = {}
     for name, options in entries.items():
@@ -377,6 +382,7 @@ def validate(
     config_class: type | None = None,
     owners: dict[str, str] | None = None,
     injected: dict[str, tuple[str, ...]] | None = None,
+    components: dict[str, dict[str, str]] | None = None,
 ) -> Any:
     """Checks a raw recipe's keys and types; returns the config dataclass or raises :class:`ConfigError`.
 
@@ -386,10 +392,13 @@ def validate(
         owners: ``{section: 'module:owner'}`` (default :data:`SECTION_OWNERS`); ``algorithms`` / ``callbacks`` /
             ``loggers`` are checked against the registries.
         injected: per section, the owner's arguments that the builder fills in (default :data:`INJECTED`).
+        components: the registries of the ``algorithms`` / ``callbacks`` / ``loggers`` sections (default
+            :data:`COMPONENTS`).
     """
     config_class = config_class or TrainConfig
     owners = SECTION_OWNERS if owners is None else owners
     injected = INJECTED if injected is None else injected
+    components = COMPONENTS if components is None else components
     if not isinstance(raw, dict):
         raise ConfigError(f"the recipe must be a mapping of keys, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(config_class)}
@@ -409,8 +418,8 @@ def validate(
                 kwargs[name] = None
                 continue
             kwargs[name] = check_options(_resolve_owner(owners[name]), value, name, injected.get(name, ()))
-        elif name in _COMPONENTS:
-            kwargs[name] = check_components(name, value)
+        elif name in components:
+            kwargs[name] = check_components(name, value, components[name])
         else:
             kwargs[name] = check_value(value, hints[name], name)
     return config_class(**kwargs)
@@ -509,7 +518,7 @@ def load_config(path: Union[str, Path], overrides: list[str] | None = None) -> T
     return validate(read_recipe(path, overrides))
 
 
-def build_section(path: str, build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def build_section(path: str, build: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """Calls an owner with a section's options; its complaints become :class:`ConfigError` named by ``path``.
 
     ``OptionError`` names the option (``model.mask_ratio: ...``); other ``ValueError`` / ``TypeError`` /

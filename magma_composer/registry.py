@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ALGORITHMS", "CALLBACKS", "LOGGERS", "resolve"]
+__all__ = ["ALGORITHMS", "CALLBACKS", "EVAL_ALGORITHMS", "LOGGERS", "resolve"]
 
 ALGORITHMS: dict[str, str] = {
     "magma": "magma_composer.algorithms.magma:MAGMA",
@@ -17,9 +17,20 @@ ALGORITHMS: dict[str, str] = {
     "pca_masking": "magma_composer.algorithms.pca_masking:PCAMasking",
 }
 
+#: The algorithms of supervised evaluation recipes (``python -m magma_composer.evaluate finetune``): Composer's
+#: own, and MAE's per-batch choice between MixUp and CutMix. They need a classifier's logits, so a pre-training
+#: recipe does not offer them.
+EVAL_ALGORITHMS: dict[str, str] = {
+    "mixup": "composer.algorithms:MixUp",
+    "cutmix": "composer.algorithms:CutMix",
+    "label_smoothing": "composer.algorithms:LabelSmoothing",
+    "mixup_cutmix": "magma_composer.evaluate.mixing:MixUpOrCutMix",
+}
+
 CALLBACKS: dict[str, str] = {
     "knn_monitor": "magma_composer.callbacks.knn_monitor:KNNMonitor",
     "reconstruction_images": "magma_composer.callbacks.reconstruction_images:ReconstructionImages",
+    "online_probe": "magma_composer.callbacks.online_probe:OnlineLinearProbe",
     "lr_monitor": "composer.callbacks:LRMonitor",
     "speed_monitor": "composer.callbacks:SpeedMonitor",
     "memory_monitor": "composer.callbacks:MemoryMonitor",
