@@ -127,10 +127,10 @@ def test_the_same_under_the_composer_launcher(trained, demo_mds, tmp_path):
     if not COMPOSER.exists():
         pytest.skip(f"the composer launcher is not installed beside {sys.executable}")
     args = _quick("knn", demo_mds, tmp_path, trained["checkpoint"])
-    single = _evaluate("knn", "knn.yaml", [*args, "run_name=one", "features.cache=false"])
+    single = _evaluate("knn", "knn.yaml", [*args, "run_name=one", "features.cache=false", "features.cache_dir=null"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [str(COMPOSER), "-n", "2", "--master_port", str(free_port()), "-m", "magma_composer.evaluate", "knn"]
-    cmd += [str(EVAL / "knn.yaml"), *args, "run_name=two", "features.cache=false"]
+    cmd += [str(EVAL / "knn.yaml"), *args, "run_name=two", "features.cache=false", "features.cache_dir=null"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
