@@ -1,8 +1,9 @@
-"""Train several recipes with the same budget and compare their kNN top-1 (the quality claims in docs/results.md).
+"""Train several recipes with the same budget and compare their kNN and linear-probe top-1 (docs/results.md).
 
 Each recipe is trained in turn, in this process, with the same overrides (budget, data, model size),
-and its KNNMonitor measures the encoder before and after training on the same data. Prints a
-Markdown table and optionally writes the numbers as JSON.
+and its KNNMonitor measures the encoder before and after training on the same data (kNN, and the fast
+linear probe with ``callbacks.knn_monitor.linear_probe=true``). Prints a Markdown table and optionally
+writes the numbers as JSON.
 
 Example (the CIFAR-10 comparison of docs/results.md)::
 
@@ -34,6 +35,7 @@ def run(recipe: str, overrides: list[str]) -> dict:
         "batches": int(trainer.state.timestamp.batch),
         "seconds": time.perf_counter() - start,
         "knn": history,
+        "linear_probe": dict(knn.probe_history),
     }
     trainer.close()
     return result
@@ -50,10 +52,14 @@ def main() -> None:
         results.append(run(recipe, args.set))
         print(json.dumps(results[-1]), flush=True)
     ks = sorted({int(k) for r in results for res in r["knn"].values() for k in res})
-    print("\n| recipe | algorithms | batches | minutes | " + " | ".join(f"kNN@{k} init -> final" for k in ks) + " |")
-    print("|---|---|---|---|" + "---|" * len(ks))
+    probe = all(r["linear_probe"] for r in results)
+    heads = [f"kNN@{k} init -> final" for k in ks] + (["linear probe init -> final"] if probe else [])
+    print("\n| recipe | algorithms | batches | minutes | " + " | ".join(heads) + " |")
+    print("|---|---|---|---|" + "---|" * len(heads))
     for r in results:
         cells = [f"{r['knn']['init'][k]:.2f} -> {r['knn']['final'][k]:.2f}" for k in ks]
+        if probe:
+            cells.append(f"{r['linear_probe']['init']:.2f} -> {r['linear_probe']['final']:.2f}")
         algos = " + ".join(["mae", *r["algorithms"]])
         print(f"| {r['recipe']} | {algos} | {r['batches']} | {r['seconds'] / 60:.1f} | " + " | ".join(cells) + " |")
     if args.json:

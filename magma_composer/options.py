@@ -9,7 +9,7 @@ checkers below keep those messages uniform.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["OptionError", "check_choice", "check_int", "check_number"]
@@ -65,6 +65,18 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise OptionError(key, f"{value!r} is not valid; choose one of {', '.join(repr(c) for c in choices)}")
     return value
+
+
+def check_list(key: str, value: Any, check: Callable[[str, Any], Any]) -> list:
+    """``value`` (one item or a non-empty sequence of them) as a list, each item checked by ``check(key[i], item)``."""
+    items = [value] if isinstance(value, (str, int, float)) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise OptionError(key, f"expected one value or a list of them, got {value!r}") from None
+    if not items:
+        raise OptionError(key, "must name at least one value")
+    return [check(f"{key}[{i}]", item) for i, item in enumerate(items)]
 
 
 def _range(minimum: int | None, maximum: int | None, what: str) -> str:

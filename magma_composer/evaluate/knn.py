@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from magma_composer.options import OptionError, check_choice, check_int, check_number
+from magma_composer.options import check_choice, check_int, check_list, check_number
 
 __all__ = ["DISTANCES", "KNNProtocol", "check_labelled", "knn_grid"]
 
@@ -30,16 +30,15 @@ DISTANCES = ("cosine", "euclidean")
 _EPS = 1e-8  # inverse-distance weight: an exact duplicate of a bank item gets a finite, dominant weight
 
 
-def _as_list(key: str, value, kind: type) -> list:
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        value = [value]
-    try:
-        values = list(value)
-    except TypeError:
-        raise OptionError(key, f"expected a {kind.__name__} or a list of them, got {value!r}") from None
-    if not values:
-        raise OptionError(key, "must name at least one value")
-    return values
+def check_knn_options(
+    k: int | Sequence[int], temperature: float | Sequence[float], distance: str | Sequence[str], chunk: int
+) -> tuple[list[int], list[float], list[str], int]:
+    """The grid's options checked (one place for :func:`knn_grid` and :class:`KNNProtocol`): ``(ks, temperatures,
+    distances, chunk)``; a single value stands for a list of one."""
+    ks = check_list("k", k, lambda key, v: check_int(key, v, 1))
+    temps = check_list("temperature", temperature, lambda key, v: check_number(key, v, 0.0, open_min=True))
+    dists = check_list("distance", distance, lambda key, v: check_choice(key, v, DISTANCES))
+    return ks, temps, dists, check_int("chunk", chunk, 1)
 
 
 def check_labelled(
@@ -125,13 +124,7 @@ def knn_grid(
         OptionError: a bad ``k`` / ``temperature`` / ``distance`` / ``chunk``.
         ValueError: bad features or labels (:func:`check_labelled`).
     """
-    ks = [check_int(f"k[{i}]", v, 1) for i, v in enumerate(_as_list("k", k, int))]
-    temps = [
-        check_number(f"temperature[{i}]", v, 0.0, open_min=True)
-        for i, v in enumerate(_as_list("temperature", temperature, float))
-    ]
-    dists = [check_choice(f"distance[{i}]", v, DISTANCES) for i, v in enumerate(_as_list("distance", distance, str))]
-    check_int("chunk", chunk, 1)
+    ks, temps, dists, chunk = check_knn_options(k, temperature, distance, chunk)
     num_classes = check_labelled(train_x, train_y, test_x, test_y, allow_unseen_classes)
     device = torch.device(device) if device is not None else train_x.device
     train_x, test_x = train_x.to(device, torch.float32), test_x.to(device, torch.float32)
@@ -196,15 +189,7 @@ class KNNProtocol:
         distance: str | Sequence[str] = ("cosine",),
         chunk: int = 1024,
     ) -> None:
-        self.k = [check_int(f"k[{i}]", v, 1) for i, v in enumerate(_as_list("k", k, int))]
-        self.temperature = [
-            check_number(f"temperature[{i}]", v, 0.0, open_min=True)
-            for i, v in enumerate(_as_list("temperature", temperature, float))
-        ]
-        self.distance = [
-            check_choice(f"distance[{i}]", v, DISTANCES) for i, v in enumerate(_as_list("distance", distance, str))
-        ]
-        self.chunk = check_int("chunk", chunk, 1)
+        self.k, self.temperature, self.distance, self.chunk = check_knn_options(k, temperature, distance, chunk)
 
     def settings(self) -> dict:
         """The protocol's settings, for the result record."""

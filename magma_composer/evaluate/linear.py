@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from magma_composer.evaluate.knn import _as_list, check_labelled
-from magma_composer.options import check_choice, check_int, check_number
+from magma_composer.evaluate.knn import check_labelled
+from magma_composer.options import check_choice, check_int, check_list, check_number
 
 __all__ = ["DEFAULT_L2", "FastLinearProbe", "fit_linear_probe", "fit_logistic", "topk_accuracy"]
 
@@ -85,6 +85,18 @@ def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1,
 
 
 @torch.no_grad()
+def check_probe_options(
+    l2: float | Sequence[float], val_fraction: float, max_iter: int, seed: int, dtype: str
+) -> list[float]:
+    """The probe's options checked (one place for :func:`fit_linear_probe` and :class:`FastLinearProbe`); returns
+    the ``l2`` values as a list."""
+    check_number("val_fraction", val_fraction, 0.0, 1.0, open_min=True, open_max=True)
+    check_int("max_iter", max_iter, 1)
+    check_int("seed", seed)
+    check_choice("dtype", dtype, tuple(_DTYPES))
+    return check_list("l2", l2, lambda key, v: check_number(key, v, 0.0))
+
+
 def fit_linear_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -119,11 +131,7 @@ def fit_linear_probe(
         OptionError: a bad option. ValueError: bad features or labels, or too few training samples to hold out.
     """
     start = time.perf_counter()
-    l2s = [check_number(f"l2[{i}]", v, 0.0) for i, v in enumerate(_as_list("l2", l2, float))]
-    check_number("val_fraction", val_fraction, 0.0, 1.0, open_min=True, open_max=True)
-    check_int("max_iter", max_iter, 1)
-    check_int("seed", seed)
-    check_choice("dtype", dtype, tuple(_DTYPES))
+    l2s = check_probe_options(l2, val_fraction, max_iter, seed, dtype)
     check_labelled(train_x, train_y, test_x, test_y, allow_unseen_classes)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     device = torch.device(device) if device is not None else train_x.device
@@ -185,11 +193,8 @@ class FastLinearProbe:
         seed: int = 0,
         dtype: str = "float32",
     ) -> None:
-        self.l2 = [check_number(f"l2[{i}]", v, 0.0) for i, v in enumerate(_as_list("l2", l2, float))]
-        self.val_fraction = check_number("val_fraction", val_fraction, 0.0, 1.0, open_min=True, open_max=True)
-        self.max_iter = check_int("max_iter", max_iter, 1)
-        self.seed = check_int("seed", seed)
-        self.dtype = check_choice("dtype", dtype, tuple(_DTYPES))
+        self.l2 = check_probe_options(l2, val_fraction, max_iter, seed, dtype)
+        self.val_fraction, self.max_iter, self.seed, self.dtype = val_fraction, max_iter, seed, dtype
 
     def settings(self) -> dict:
         """The protocol's settings, for the result record."""
