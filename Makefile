@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/pmae.py
 	$(PY) bench/data_pipeline.py
+	@echo "bench/linear_probe.py needs an encoder and MDS data: see its docstring"
 
 clean:
 	rm -rf data/demo runs
