@@ -173,6 +173,7 @@ def test_bad_input_is_one_clear_line(trained, demo_mds, tmp_path):
     cases = [
         (["bogus", *knn], "unknown protocol 'bogus'"),
         (["knn", str(tmp_path / "nope.yaml")], "does not exist"),
+        (["knn", str(EVAL / "knn.yaml")], "encoder.path: no encoder given"),
         (["knn", *knn, "model.pool=mean"], "model: has no effect for protocol 'knn'"),
         (["linear", str(EVAL / "linear-pmae.yaml"), knn[1], "num_classes=null"], "missing required key 'num_classes'"),
         (["knn", *knn, f"encoder.path={not_encoder}"], str(not_encoder)),
@@ -187,6 +188,18 @@ def test_bad_input_is_one_clear_line(trained, demo_mds, tmp_path):
         line = _error(args)
         assert expected in line, (args, line)
     assert existing.read_text() == "{}"  # nothing overwritten
+
+
+def _protocol_of(recipe: Path) -> str:
+    return next(p for p in ("linear-fast", "knn", "linear", "mlp", "finetune") if recipe.stem.startswith(p))
+
+
+@pytest.mark.parametrize("recipe", sorted(EVAL.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_evaluation_recipes_validate(recipe):
+    from magma_composer.evaluate.recipe import load_eval_config
+
+    cfg, _ = load_eval_config(_protocol_of(recipe), str(recipe), ["encoder.path=x.pt"])
+    assert cfg.encoder["path"] == "x.pt" and cfg.test_data["split"] in ("test", "val")
 
 
 def test_help_lists_protocols_and_recipes():

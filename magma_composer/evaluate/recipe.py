@@ -154,6 +154,12 @@ def load_eval_config(protocol: str, path: str, overrides: list[str] | None = Non
                 f"remove it, or {key}=null"
             )
     raw = {k: v for k, v in raw.items() if not (k in _ONLY_FOR and protocol not in _ONLY_FOR[k])}
+    encoder = raw.get("encoder")
+    if isinstance(encoder, dict) and encoder.get("path") is None:  # the shipped recipes leave it to the command line
+        raise ConfigError(
+            "encoder.path: no encoder given; add encoder.path=FILE (a checkpoint of ours, an exported timm state "
+            "dict or timm .mae weights, or facebookresearch/mae's mae_pretrain_vit_*.pth)"
+        )
     components = {"algorithms": registry.EVAL_ALGORITHMS, "callbacks": registry.CALLBACKS, "loggers": registry.LOGGERS}
     cfg = validate(raw, EvalConfig, EVAL_SECTION_OWNERS, EVAL_INJECTED, components)
     if protocol in TRAINER_PROTOCOLS:
