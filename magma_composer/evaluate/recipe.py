@@ -116,7 +116,7 @@ class EvalConfig:
     wandb: dict | None = None  #: log the record to Weights & Biases (project, entity, name, group, tags, mode)
     num_classes: int | None = None  #: linear / mlp / finetune: the classifier's outputs (labels 0 .. n-1)
     max_duration: str | None = None  #: linear / mlp / finetune: Composer time, e.g. 100ep
-    eval_interval: Union[str, int] = "1ep"  #: linear / mlp / finetune: how often the test split is measured
+    eval_interval: str = "1ep"  #: linear / mlp / finetune: how often the test split is measured (Composer time)
     device_train_microbatch_size: Union[int, str, None] = None
     run_name: str | None = None  #: default: the protocol, the time and a random suffix
     seed: int = 17
@@ -132,6 +132,8 @@ class EvalConfig:
         check_run_keys(self, _TIME_KEYS)
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"num_classes: must be at least 2, got {self.num_classes}")
+        if self.overwrite and self.output is None:
+            raise ConfigError("overwrite: has no effect without output (the record's file); set output or drop it")
         if self.precision == "amp_fp8":
             raise ConfigError("precision: amp_fp8 is for training transformer layers; use amp_bf16, amp_fp16 or fp32")
 
