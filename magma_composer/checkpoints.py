@@ -288,6 +288,17 @@ def _read_hash_file(hash_path: Path, path: str) -> str:
     return digest
 
 
+def recorded_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 recorded in ``<file>.sha256`` beside a local file (a symbolic link's target), or ``None``.
+
+    Raises:
+        CheckpointError: the hash file exists but holds no sha256.
+    """
+    real = Path(os.path.realpath(path))
+    hash_path = Path(str(real) + HASH_SUFFIX)
+    return _read_hash_file(hash_path, str(path)) if hash_path.is_file() else None
+
+
 def _check_structure(real: Path, path: str) -> None:
     """A checkpoint without a hash file: reads its archive structure and per-member CRCs, streaming, without
     unpickling (torch's zip format or a Composer tarball; compressed streams and torch's legacy format are not

@@ -97,6 +97,16 @@ def test_composer_checkpoint_gives_the_trained_encoder(trained):
     assert load_encoder(str(path.parent / "latest-rank0.pt")).sha256 == loaded.sha256
 
 
+def test_truncated_checkpoint_is_refused_by_its_hash_file(trained, tmp_path):
+    _, path = trained
+    copy = tmp_path / "ckpt.pt"
+    data = path.read_bytes()
+    copy.write_bytes(data[: len(data) // 2])
+    (tmp_path / "ckpt.pt.sha256").write_text(f"{file_sha256(path)}  ckpt.pt\n")  # as CheckpointHashes writes it
+    with pytest.raises(EncoderError, match=r"ckpt\.pt is altered or truncated"):
+        load_encoder(str(copy))
+
+
 def test_composer_checkpoint_with_a_module_prefix(trained, tmp_path):
     model, path = trained
 
@@ -151,8 +161,11 @@ def test_exported_encoder_and_its_sidecar(trained, tmp_path):
     assert loaded.format == "timm" and loaded.sha256 == digest and loaded.arch == TINY_ARCH
     assert_same_features(loaded, model)
 
-    # the file replaced by another tool: the sidecar describes another file and says so
+    # the file replaced by another tool: its .sha256 no longer matches, and without that file the sidecar says so
     torch.save(torch.load(path, weights_only=True), path)
+    with pytest.raises(EncoderError, match=r"encoder\.pt is altered or truncated"):
+        load_encoder(str(path))
+    (tmp_path / "encoder.pt.sha256").unlink()
     with pytest.raises(EncoderError, match=r"encoder\.pt\.json was written for another file"):
         load_encoder(str(path))
     # no sidecar, a width with no standard head count: num_heads is required, then used

@@ -37,7 +37,13 @@ from typing import Any, Callable
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from magma_composer.checkpoints import ENCODER_SIDECAR_FORMAT, ENCODER_SIDECAR_SUFFIX, file_sha256
+from magma_composer.checkpoints import (
+    ENCODER_SIDECAR_FORMAT,
+    ENCODER_SIDECAR_SUFFIX,
+    CheckpointError,
+    file_sha256,
+    recorded_sha256,
+)
 from magma_composer.options import OptionError, check_choice, check_int
 
 __all__ = [
@@ -488,6 +494,15 @@ def load_encoder(
     if not file.is_file():
         raise EncoderError(f"encoder checkpoint {shown} does not exist")
     digest = file_sha256(file)
+    try:
+        expected = recorded_sha256(file)
+    except CheckpointError as exc:
+        raise EncoderError(str(exc)) from None
+    if expected is not None and expected != digest:  # our checkpoints and exports carry a .sha256
+        raise EncoderError(
+            f"{shown} is altered or truncated: its sha256 {digest[:16]}... differs from the one recorded when it was "
+            f"written ({expected[:16]}..., in {file.resolve()}.sha256); use another checkpoint"
+        )
     fmt, raw_state, checkpoint = _unpack(_read_file(file, shown), format, shown)
     state = map_encoder_keys(raw_state, shown)
     if fmt == "composer":
