@@ -77,7 +77,16 @@ def test_fit_on_converted_real_cifar_jpegs(cifar_jpegs, tmp_path):
 
 
 def test_two_rank_composer_launcher(demo_mds, tmp_path):
-    recipe = tiny_recipe(demo_mds, max_duration="3ba", save_folder=str(tmp_path / "ckpt"), save_interval="3ba")
+    recipe = tiny_recipe(
+        demo_mds,
+        max_duration="3ba",
+        save_folder=str(tmp_path / "ckpt"),
+        save_interval="3ba",
+        eval_data={"remote": str(demo_mds), "split": "test", "batch_size": 20, "num_workers": 0},
+        eval_interval="3ba",
+        # the monitors gather features over both ranks, the online probe averages its head's gradients
+        callbacks={"knn_monitor": {"linear_probe": True}, "online_probe": {"num_classes": 10}},
+    )
     recipe["train_data"]["batch_size"] = 8
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -100,6 +109,7 @@ def test_two_rank_composer_launcher(demo_mds, tmp_path):
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("rank*.*")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs[-3000:]
     assert "checkpoint: " in proc.stdout  # rank 0 prints the summary; the launcher pipes it through
+    assert "linear-probe top-1: init" in proc.stdout and "online probe top-1 (test): " in proc.stdout
     assert list((tmp_path / "ckpt").glob("ep*-ba3-rank0.pt"))
 
 
