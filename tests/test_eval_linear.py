@@ -110,3 +110,17 @@ def test_guards_and_protocol():
     direct = fit_linear_probe(x[:100], y[:100], x[100:], y[100:], l2=[0.01, 0.1], max_iter=50)
     assert (result["top1"], result["l2"], result["val"]) == (direct["top1"], direct["l2"], direct["val"])
     assert probe.settings()["l2"] == [0.01, 0.1]
+
+
+def test_warnings_for_a_grid_edge_and_an_unconverged_fit():
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = torch.randn(300, 5, generator=g) * 0.1
+    x[torch.arange(300), y] += 3.0
+    # every l2 separates these perfectly: the tie goes to the largest, the grid's edge
+    result = fit_linear_probe(x[:200], y[:200], x[200:], y[200:], l2=(1e-4, 1e-3))
+    assert result["l2"] == 1e-3 and result["converged"]
+    assert any("grid's largest" in w for w in result["warnings"])
+    capped = fit_linear_probe(x[:200], y[:200], x[200:], y[200:], l2=1e-3, max_iter=1)
+    assert not capped["converged"] and any("max_iter 1" in w for w in capped["warnings"])
+    assert fit_linear_probe(x[:200], y[:200], x[200:], y[200:], l2=1e-3)["warnings"] == []

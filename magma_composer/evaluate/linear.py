@@ -124,8 +124,9 @@ def fit_linear_probe(
         allow_unseen_classes: score test classes absent from training as errors instead of refusing them.
 
     Returns:
-        ``{"top1", "top5", "train_top1", "l2", "val": [{"l2", "top1", "iterations"}], "iterations",
-        "num_classes", "seconds"}`` (accuracies in %; ``val`` is empty with a single ``l2``).
+        ``{"top1", "top5", "train_top1", "l2", "val": [{"l2", "top1", "iterations"}], "iterations", "converged",
+        "num_classes", "warnings", "seconds"}`` (accuracies in %; ``val`` is empty with a single ``l2``;
+        ``warnings`` says when the chosen ``l2`` lies at the grid's edge or L-BFGS stopped at ``max_iter``).
 
     Raises:
         OptionError: a bad option. ValueError: bad features or labels, or too few training samples to hold out.
@@ -162,6 +163,13 @@ def fit_linear_probe(
     w, b, iterations = fit_logistic(fit_x, train_y, num_classes, chosen, max_iter)
     top1, top5 = topk_accuracy(eval_x @ w + b, test_y)
     (train_top1,) = topk_accuracy(fit_x @ w + b, train_y, (1,))
+    warnings = []
+    if len(l2s) > 1 and chosen == min(l2s) and chosen > 0:
+        warnings.append(f"the chosen l2 {chosen:g} is the grid's smallest: a smaller one may fit better; extend l2")
+    if len(l2s) > 1 and chosen == max(l2s):
+        warnings.append(f"the chosen l2 {chosen:g} is the grid's largest: a larger one may fit better; extend l2")
+    if iterations >= max_iter:
+        warnings.append(f"L-BFGS stopped at max_iter {max_iter} before converging; raise max_iter")
     return {
         "top1": top1,
         "top5": top5,
@@ -169,7 +177,9 @@ def fit_linear_probe(
         "l2": chosen,
         "val": val,
         "iterations": iterations,
+        "converged": iterations < max_iter,
         "num_classes": num_classes,
+        "warnings": warnings,
         "seconds": time.perf_counter() - start,
     }
 

@@ -29,6 +29,7 @@ A section or key that the protocol does not use is refused (it would have no eff
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -284,6 +285,8 @@ def run_evaluation(protocol: str, cfg: EvalConfig, raw: dict) -> dict:
         if output is not None:
             build_section("output", write_record, record, output)
         print(console_line(record, output), flush=True)
+        for warning in metrics.get("warnings", []):
+            print(f"magma_composer.evaluate: warning: {warning}", file=sys.stderr, flush=True)
         if cfg.wandb is not None:
             where = build_section("wandb", log_to_wandb, record, **cfg.wandb)
             print(f"wandb: {where}", flush=True)
