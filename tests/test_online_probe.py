@@ -7,8 +7,9 @@ from composer.loggers import InMemoryLogger
 from composer.models import ComposerModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from magma_composer.callbacks.online_probe import OnlineLinearProbe, check_labels, online_probe_step
+from magma_composer.callbacks.online_probe import OnlineLinearProbe, online_probe_step
 from magma_composer.config import validate
+from magma_composer.evaluate.classifier import check_labels
 from magma_composer.options import OptionError
 from magma_composer.train import build_trainer
 from tests.conftest import tiny_recipe
@@ -137,7 +138,7 @@ def test_labels_outside_num_classes_are_refused(demo_mds):
     trainer = build_trainer(
         validate(tiny_recipe(demo_mds, max_duration="2ba", callbacks={"online_probe": {"num_classes": 5}}))
     )
-    with pytest.raises(ValueError, match=r"outside \[0, num_classes=5\)"):
+    with pytest.raises(ValueError, match=r"outside \[0, 5\) = \[0, num_classes=5\)"):
         trainer.fit()
     trainer.close()
 

@@ -23,9 +23,10 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from magma_composer.callbacks.interval import parse_interval
+from magma_composer.evaluate.classifier import check_labels
 from magma_composer.options import check_choice, check_int, check_number
 
-__all__ = ["OnlineLinearProbe", "check_labels", "fork_rng", "online_probe_step"]
+__all__ = ["OnlineLinearProbe", "fork_rng", "online_probe_step"]
 
 
 @contextlib.contextmanager
@@ -36,23 +37,6 @@ def fork_rng(device: torch.device) -> Iterator[None]:
     )
     with torch.random.fork_rng(devices=devices):
         yield
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
-    """Raises ValueError if a label is outside ``[0, num_classes)`` (``-1``: a data set without labels)."""
-    if labels.numel() == 0:
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0:
-        raise ValueError(
-            f"OnlineLinearProbe: {what} label {low}: the data set has no labels (label -1 means no 'y' column); "
-            "the online probe needs labelled data"
-        )
-    if high >= num_classes:
-        raise ValueError(
-            f"OnlineLinearProbe: {what} label {high} is outside [0, num_classes={num_classes}); "
-            "set num_classes to the data set's number of classes"
-        )
 
 
 def online_probe_step(

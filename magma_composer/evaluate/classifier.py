@@ -81,8 +81,8 @@ def check_labels(labels: torch.Tensor, num_classes: int, split: str) -> None:
         )
     if low < 0 or high >= num_classes:
         raise EvalDataError(
-            f"the {split} data has class index {low if low < 0 else high}, outside [0, {num_classes}) for "
-            f"num_classes={num_classes}; set num_classes to the data set's number of classes"
+            f"the {split} data has class index {low if low < 0 else high}, outside [0, {num_classes}) = "
+            f"[0, num_classes={num_classes}); set num_classes to the data set's number of classes"
         )
 
 
