@@ -12,7 +12,6 @@ import urllib.parse
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-
 import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
@@ -42,28 +41,26 @@ def default_cache_folder(remote: str, split: str | None, tag: str = "") -> str:
 
 
 @contextlib.contextmanager
-def _seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seeds the global generators that transforms draw from (torchvision: torch's CPU generator; timm's RandAugment
-    and random erasing: Python's ``random`` and NumPy's) and, in the main process, restores them afterwards.
+def _seeded_global_rngs(seed: int, python_and_numpy: bool) -> Iterator[None]:
+    """Seeds the global generators that transforms draw from and, in the main process, restores them afterwards:
+    torch's CPU generator (torchvision) always, Python's ``random`` and NumPy's (timm's RandAugment and random
+    erasing) only when ``python_and_numpy``, so that plain crops and flips pay nothing for them.
 
     Only the CPU generator is touched: torch.manual_seed would also seed (and initialise) CUDA.
     """
-    if get_worker_info() is not None:  # a loader worker owns its generators
+    in_worker = get_worker_info() is not None  # a loader worker owns its generators: nothing to restore
+    saved = (random.getstate(), np.random.get_state()) if python_and_numpy and not in_worker else None
+    with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        yield
-        return
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        if python_and_numpy:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         try:
             yield
         finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
 
 
 class StreamingImageDataset(CheckedStreamingDataset):
@@ -178,6 +175,8 @@ class StreamingImageDataset(CheckedStreamingDataset):
         self.normalize = normalize
         self.augment_seed = int(self.shuffle_seed if augment_seed is None else augment_seed)
         self.return_index = return_index
+        # timm's RandAugment and random erasing draw from Python's and NumPy's generators, torchvision's from torch's
+        self._python_and_numpy_rngs = auto_augment is not None or bool(random_erase)
 
     @property
     def has_labels(self) -> bool:
@@ -195,6 +194,6 @@ class StreamingImageDataset(CheckedStreamingDataset):
         if not self.train:
             image = self.transform(image)
         else:
-            with _seeded_global_rngs(self._sample_seed(index)):
+            with _seeded_global_rngs(self._sample_seed(index), self._python_and_numpy_rngs):
                 image = self.transform(image)
         return (image, label, index) if self.return_index else (image, label)
