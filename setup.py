@@ -28,6 +28,8 @@ extras_require = {
         "ruff>=0.6",
         "moto[server]>=5",
         "boto3",
+        # reference implementations of NT-Xent and VICReg that the loss tests compare against
+        "lightly>=1.5",
     ],
     "bench": ["scikit-learn"],
 }

@@ -19,6 +19,7 @@ __all__ = [
     "ComposerMAE",
     "InputTransform",
     "MaskedAutoencoder",
+    "build_vit",
     "encoder_architecture",
     "random_masking",
     "patchify",
@@ -95,9 +96,15 @@ def masked_mse_loss(
 _ENCODER_SIZES = {"embed_dim": int, "depth": int, "num_heads": int, "mlp_ratio": float, "qkv_bias": bool}
 
 
-def _build_encoder(
-    encoder: Union[str, dict[str, Any]], img_size: int, patch_size: int, in_chans: int
+def build_vit(
+    encoder: Union[str, dict[str, Any]], img_size: int, patch_size: int, in_chans: int = 3
 ) -> VisionTransformer:
+    """A timm ``VisionTransformer`` without a head: a timm ViT name, or explicit sizes
+    (``embed_dim``, ``depth``, ``num_heads``; optional ``mlp_ratio``, ``qkv_bias``).
+
+    Raises:
+        OptionError: ``encoder`` names no timm ViT, or a size is missing or out of range.
+    """
     common = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0, global_pool="token")
     if isinstance(encoder, str):
         if encoder not in timm.list_models():
@@ -200,7 +207,7 @@ class MaskedAutoencoder(nn.Module):
         if decoder_dim % decoder_heads:
             raise OptionError("decoder_heads", f"{decoder_heads} does not divide decoder_dim {decoder_dim}")
         check_number("mlp_ratio", mlp_ratio, 0.0, open_min=True)
-        self.encoder = _build_encoder(encoder, img_size, patch_size, in_chans)
+        self.encoder = build_vit(encoder, img_size, patch_size, in_chans)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.grid = tuple(self.encoder.patch_embed.grid_size)
