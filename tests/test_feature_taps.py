@@ -93,3 +93,28 @@ def test_reentrant_checkpointing_is_reported():
     tap.disarm()
     with pytest.raises(RuntimeError, match="non-reentrant"):
         tap.block_features(1)
+
+
+def test_tap_paused_skips_forwards_nested_and_without_a_tap():
+    from magma_composer.models.taps import tap_paused
+
+    model = ComposerMAE(**TINY_MODEL)
+    with tap_paused(model):  # no tap yet: a no-op
+        model((torch.randn(2, 3, 32, 32), None))
+    tap = get_feature_tap(model)
+    tap.request_blocks([1])
+    tap.request_cls()
+    first, second = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    tap.arm()
+    out = model((first, None))
+    with tap_paused(model):
+        with tap_paused(model):  # nested
+            model((second, None))
+        model((second, None))  # still paused in the outer context
+    assert tap.recording
+    tap.disarm()
+    assert len(tap.block_features(1)) == 1 and len(tap.final_cls()) == 1
+    assert torch.allclose(tap.final_cls()[0], out["cls"])
+    tap.arm()
+    model((second, None))  # after the context, recording again
+    assert len(tap.block_features(1)) == 1

@@ -21,12 +21,14 @@ holds a timm :class:`~timm.models.vision_transformer.VisionTransformer`, with fo
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["FeatureTap", "find_vit", "get_feature_tap"]
+__all__ = ["FeatureTap", "find_vit", "get_feature_tap", "tap_paused"]
 
 _TAP_ATTR = "_magma_composer_feature_tap"
 
@@ -62,6 +64,7 @@ class FeatureTap:
         self.depth = len(vit.blocks)
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
         self.armed = False
+        self._paused = 0
         self._block_requests: set[int] = set()
         self._want_cls = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -107,7 +110,7 @@ class FeatureTap:
 
     def _make_block_hook(self, index: int):
         def hook(module: nn.Module, args, output) -> None:
-            if not self.armed:
+            if not self.recording:
                 return
             tokens = output[0] if isinstance(output, (tuple, list)) else output
             if self._grad_expected and not tokens.requires_grad:
@@ -119,13 +122,18 @@ class FeatureTap:
         return hook
 
     def _cls_hook(self, module: nn.Module, args, output) -> None:
-        if not self.armed:
+        if not self.recording:
             return
         tokens = output[0] if isinstance(output, (tuple, list)) else output
         cls = tokens[:, 0]
         self.cls_tokens.append(cls if cls.dtype == torch.float64 else cls.float())
 
     # ------------------------------------------------------------------ per step
+    @property
+    def recording(self) -> bool:
+        """True while the hooks record: armed and not inside :func:`tap_paused`."""
+        return self.armed and not self._paused
+
     def arm(self) -> None:
         """Clears the last step's records and starts recording (call at ``BEFORE_FORWARD``)."""
         self.clear()
@@ -200,3 +208,31 @@ def get_feature_tap(model: nn.Module, vit: VisionTransformer | None = None) -> F
         # stored in __dict__ directly: not a submodule, not in the state dict
         vit.__dict__[_TAP_ATTR] = tap
     return tap
+
+
+@contextmanager
+def tap_paused(model: nn.Module) -> Iterator[None]:
+    """Forwards inside this context are not recorded by any :class:`FeatureTap` of ``model``.
+
+    A two-view model encodes its first view normally and further views inside it, so that the
+    regularisers read the first view only. A no-op when the model has no tap; nesting is safe (a
+    counter per tap), and the tap's armed state is left as it was.
+
+    Args:
+        model (nn.Module): the model (or any module holding the tapped encoder), wrapped or not.
+
+    Example:
+        .. code-block:: python
+
+            z1 = self.encoder(view1)
+            with tap_paused(self):
+                z2 = self.encoder(view2)
+    """
+    taps = [module.__dict__[_TAP_ATTR] for module in model.modules() if _TAP_ATTR in module.__dict__]
+    for tap in taps:
+        tap._paused += 1
+    try:
+        yield
+    finally:
+        for tap in taps:
+            tap._paused -= 1
