@@ -17,9 +17,18 @@ from streaming import MDSWriter
 
 from magma_composer.data.transforms import eval_transform
 from magma_composer.options import OptionError
-from magma_composer.pca import PCABasis, fit_basis, fit_pca, load_basis, save_basis
+from magma_composer.pca import (
+    PCABasis,
+    PixelStats,
+    fit_basis,
+    fit_pca,
+    load_basis,
+    load_pixel_stats,
+    save_basis,
+    save_pixel_stats,
+)
 from magma_composer.pca.__main__ import main as pca_main
-from magma_composer.pca.basis import BASIS_FORMAT, _write_payload
+from magma_composer.pca.basis import BASIS_FORMAT, STATS_FORMAT, _write_payload, describe_file
 from magma_composer.pca.source import split_shards
 from tests.conftest import free_port
 from tests.s3_server import moto_server, s3  # noqa: F401  (fixtures)
@@ -398,3 +407,77 @@ def test_fit_basis_checks_out_before_reading_the_data(tmp_path):
         with pytest.raises(OptionError) as e:
             fit_basis("/nonexistent/data", image_size=8, progress=False, **kwargs)
         assert e.value.key == key
+
+
+# ---------------------------------------------------------------------- pixel statistics (interface I2)
+@pytest.fixture
+def stats_file(tmp_path) -> Path:
+    x = planted(n=30, size=4, rank=3, noise=0.1)
+    mean, std, _, _ = reference(x)
+    return save_pixel_stats(PixelStats(mean, std, 4, 3), tmp_path / "stats.pt", num_images=30)
+
+
+def test_pixel_stats_round_trip_and_flattening_order(stats_file, tmp_path):
+    stats = load_pixel_stats(stats_file)
+    x = planted(n=30, size=4, rank=3, noise=0.1).double()
+    # D is image.reshape(-1) of a C x S x S image: the per-channel image mean reshapes back to C x S x S
+    assert torch.equal(stats.mean, x.mean(0).reshape(-1)) and stats.mean.dtype == torch.float64
+    assert torch.allclose(stats.mean.reshape(3, 4, 4), x.mean(0), atol=0, rtol=0)
+    assert torch.allclose(stats.std.reshape(3, 4, 4), x.std(0, unbiased=False), rtol=1e-12, atol=0)
+    assert (stats.image_size, stats.channels) == (4, 3)
+    assert torch.load(stats_file, weights_only=True)["format"] == STATS_FORMAT
+    assert "Pixel statistics: 3x4x4 (D=48) from 30 images" in describe_file(stats_file)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_pixel_stats(stats, stats_file)
+    assert save_pixel_stats(stats._replace(mean=stats.mean + 1), stats_file, overwrite=True) == stats_file
+    assert torch.equal(load_pixel_stats(stats_file).mean, stats.mean + 1)
+
+
+def test_pixel_stats_from_a_basis_file_are_its_standardisation(small_basis):
+    stats = load_pixel_stats(small_basis.path)
+    assert torch.equal(stats.mean, small_basis.mean) and torch.equal(stats.std, small_basis.std)
+    assert (stats.image_size, stats.channels) == (small_basis.image_size, small_basis.channels)
+    assert describe_file(small_basis.path) == small_basis.summary()
+
+
+def test_pixel_stats_errors_name_the_file(stats_file, tmp_path):
+    for path, phrase in [
+        (tmp_path / "missing.pt", "does not exist"),
+        (tmp_path, "is a directory"),
+    ]:
+        with pytest.raises(ValueError, match=f"'{path}' {phrase}"):
+            load_pixel_stats(path)
+    data = stats_file.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[:-1])
+    with pytest.raises(ValueError, match=f"'{cut}' is not a pixel statistics file .*or it is truncated"):
+        load_pixel_stats(cut)
+    edited = tmp_path / "edited.pt"
+    edited.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(ValueError, match=f"'{edited}' is corrupted"):
+        load_pixel_stats(edited)
+    payload = torch.load(stats_file, weights_only=True)
+    payload["std"][0] *= 2  # content edited, file checksum redone: the content hash catches it
+    tampered = tmp_path / "tampered.pt"
+    _write_payload(payload, tampered, overwrite=False)
+    with pytest.raises(ValueError, match=f"'{tampered}' is corrupted: its content hashes to"):
+        load_pixel_stats(tampered)
+    other = tmp_path / "other.pt"
+    _write_payload({"format": "something/1", "sha256": "0" * 64}, other, overwrite=False)
+    with pytest.raises(ValueError, match=f"'{other}' is neither a pixel statistics file nor a PCA basis file"):
+        load_pixel_stats(other)
+    with pytest.raises(ValueError, match=f"'{stats_file}' is a pixel statistics file .*not a PCA basis"):
+        load_basis(stats_file)
+
+
+def test_save_pixel_stats_refuses_inconsistent_statistics(tmp_path):
+    mean = torch.zeros(48, dtype=torch.float64)
+    for stats, phrase in [
+        (PixelStats(mean, torch.ones(47, dtype=torch.float64), 4, 3), "std must be a float tensor of D = 3 x 4 x 4"),
+        (PixelStats(mean, torch.zeros(48, dtype=torch.float64), 4, 3), "std must be positive"),
+        (PixelStats(mean * float("nan"), torch.ones(48), 4, 3), "mean holds values that are not finite"),
+        (PixelStats(mean, torch.ones(48), 4, 0), "image_size and channels must be integers >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=phrase):
+            save_pixel_stats(stats, tmp_path / "s.pt")
+    assert list(tmp_path.iterdir()) == []

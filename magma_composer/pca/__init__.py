@@ -7,9 +7,30 @@ Fit from the command line (``python -m magma_composer.pca fit --help``) or from 
     from magma_composer.pca import fit_basis, load_basis
     basis = fit_basis('/data/cifar10-mds', split='train', image_size=32, out='cifar10-32.pt')
     basis = load_basis('cifar10-32.pt', expected_image_size=32, expected_channels=3)
+
+Pixel statistics alone (per-pixel mean and std, for the data sets' ``normalize: pixel``):
+``python -m magma_composer.pca stats ...`` writes them; :func:`load_pixel_stats` reads such a file or a basis.
 """
 
-from magma_composer.pca.basis import PCABasis, basis_sha256, load_basis, save_basis
+from magma_composer.pca.basis import (
+    PCABasis,
+    PixelStats,
+    basis_sha256,
+    load_basis,
+    load_pixel_stats,
+    save_basis,
+    save_pixel_stats,
+)
 from magma_composer.pca.fit import fit_basis, fit_pca
 
-__all__ = ["PCABasis", "basis_sha256", "fit_basis", "fit_pca", "load_basis", "save_basis"]
+__all__ = [
+    "PCABasis",
+    "PixelStats",
+    "basis_sha256",
+    "fit_basis",
+    "fit_pca",
+    "load_basis",
+    "load_pixel_stats",
+    "save_basis",
+    "save_pixel_stats",
+]
