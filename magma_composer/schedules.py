@@ -20,6 +20,8 @@ From YAML, the ``weight`` option of :class:`~magma_composer.algorithms.magma.MAG
     weight: {type: warmup, start: 10ep, end: 110ep, value: 1.0}  # the published MAGMA schedule
     weight: {type: linear, start: 0ba, end: 1000ba, start_value: 0.0, end_value: 1.0}
     weight: {type: intervals, intervals: [[0ep, 10ep, 0.5], [10ep, 20ep, 1.0]]}
+    weight: {type: triangle, start: 0ep, peak: 100ep, end: 200ep, value: 1.0}   # the MAGMA code's triangle
+    weight: {type: step, value: 1.0, milestones: [100ep, 200ep], gamma: 0.1, start: 5ep}  # the MAGMA code's step
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = [
     "Warmup",
     "Linear",
     "Intervals",
+    "Triangle",
+    "Step",
     "build_schedule",
     "parse_time",
     "SCHEDULE_TYPES",
@@ -245,15 +249,135 @@ class Intervals(WeightSchedule):
         return f"Intervals(intervals=[{items}])"
 
 
+class Triangle(WeightSchedule):
+    """The MAGMA code's ``triangle`` schedule: a linear rise to ``value`` at ``peak`` and a linear fall after it.
+
+    The weight is ``start_value`` before ``start``, rises linearly to ``value`` at ``peak``, falls linearly to
+    ``end_value`` at ``end`` and stays there. The original (``TriangleScheduler`` of the MAGMA code, keys
+    ``start_weight``, ``max_weight``, ``end_weight``, ``start_epoch``, ``mid_epoch``, ``end_epoch``) is this
+    function evaluated at whole epochs; times in ``"ep"`` reproduce it exactly, ``"ba"`` or ``"dur"`` make it
+    smooth. ``start == peak`` (a jump, then the fall) and ``peak == end`` (the rise, then a drop) are allowed.
+
+    Args:
+        start (str | Time): where the rise begins.
+        peak (str | Time): where the weight is ``value``; ``start <= peak <= end``, all three in one unit.
+        end (str | Time): where the fall ends; after ``start``.
+        value (float): the weight at ``peak``.
+        start_value (float): the weight up to ``start``.
+        end_value (float): the weight from ``end`` on.
+    """
+
+    def __init__(
+        self,
+        start: TimeLike,
+        peak: TimeLike,
+        end: TimeLike,
+        value: float = 1.0,
+        start_value: float = 0.0,
+        end_value: float = 0.0,
+    ) -> None:
+        self.start = parse_time(start, "weight.start")
+        self.peak = parse_time(peak, "weight.peak")
+        self.end = parse_time(end, "weight.end")
+        if len({self.start.unit, self.peak.unit, self.end.unit}) != 1:
+            raise ValueError(
+                f"weight (triangle): start={self.start}, peak={self.peak} and end={self.end} must be in the same "
+                "unit to interpolate"
+            )
+        _check_window(self.start, self.end, "weight (triangle)")
+        if not self.start.value <= self.peak.value <= self.end.value:
+            raise ValueError(
+                f"weight (triangle): peak={self.peak} must lie between start={self.start} and end={self.end}"
+            )
+        self.value = _check_weight(value, "weight.value")
+        self.start_value = _check_weight(start_value, "weight.start_value")
+        self.end_value = _check_weight(end_value, "weight.end_value")
+
+    def value_at(self, timestamp: Timestamp, max_duration: Time | None = None) -> float:
+        now = _elapsed(self.start.unit, timestamp, max_duration)
+        start, peak, end = self.start.value, self.peak.value, self.end.value
+        if now < start:
+            return self.start_value
+        if now < peak:  # so peak > start
+            return self.start_value + (now - start) / (peak - start) * (self.value - self.start_value)
+        if now < end:  # so end > peak
+            return self.value + (now - peak) / (end - peak) * (self.end_value - self.value)
+        return self.end_value
+
+    def __repr__(self) -> str:
+        return (
+            f"Triangle(start={str(self.start)!r}, peak={str(self.peak)!r}, end={str(self.end)!r}, "
+            f"value={self.value!r}, start_value={self.start_value!r}, end_value={self.end_value!r})"
+        )
+
+
+class Step(WeightSchedule):
+    """The MAGMA code's ``step`` schedule: ``value`` from ``start``, multiplied by ``gamma`` at every milestone.
+
+    The weight is 0 before ``start``; from ``start`` on it is ``value * gamma ** k``, where ``k`` counts the
+    milestones reached so far (a milestone before ``start`` counts too, as in the original). The original
+    (``StepScheduler`` of the MAGMA code, keys ``weight``, ``steps``, ``scale``) had ``scale`` 0.1 by default and a
+    ``warmup_epochs`` of 5 that its YAML could not change: its weight was always 0 for the first five epochs, which
+    ``start: 5ep`` reproduces. Its state was the list of milestones not yet passed; here the weight is a pure
+    function of the time, so a resumed run gets the same weight.
+
+    Args:
+        value (float): the weight from ``start`` until the first milestone.
+        milestones (list): Composer times (``["100ep", "200ep"]``) at which the weight is multiplied by ``gamma``;
+            increasing where they share a unit.
+        gamma (float): the factor applied at each milestone, ``>= 0``.
+        start (str | Time): when the weight switches on (0 before).
+    """
+
+    def __init__(
+        self, milestones: Sequence[TimeLike], value: float = 1.0, gamma: float = 0.1, start: TimeLike = "0ba"
+    ) -> None:
+        if isinstance(milestones, (str, bytes, Time)) or not isinstance(milestones, Sequence) or not milestones:
+            raise ValueError(f"weight.milestones must be a non-empty list of Composer times, got {milestones!r}")
+        self.milestones = [parse_time(m, f"weight.milestones[{k}]") for k, m in enumerate(milestones)]
+        for k, (a, b) in enumerate(zip(self.milestones, self.milestones[1:])):
+            if a.unit == b.unit and not a.value < b.value:
+                raise ValueError(f"weight.milestones: {b} (item {k + 1}) must come after {a}; list them in order")
+        self.value = _check_weight(value, "weight.value")
+        self.gamma = _check_weight(gamma, "weight.gamma")
+        self.start = parse_time(start, "weight.start")
+
+    def value_at(self, timestamp: Timestamp, max_duration: Time | None = None) -> float:
+        if not _reached(self.start, timestamp, max_duration):
+            return 0.0
+        passed = sum(_reached(m, timestamp, max_duration) for m in self.milestones)
+        return self.value * self.gamma**passed
+
+    def __repr__(self) -> str:
+        milestones = ", ".join(repr(str(m)) for m in self.milestones)
+        return f"Step(milestones=[{milestones}], value={self.value!r}, gamma={self.gamma!r}, start={str(self.start)!r})"
+
+
 SCHEDULE_TYPES: dict[str, type[WeightSchedule]] = {
     "constant": Constant,
     "warmup": Warmup,
     "linear": Linear,
     "intervals": Intervals,
+    "triangle": Triangle,
+    "step": Step,
 }
 
-_REQUIRED = {"constant": {"value"}, "warmup": {"start", "end"}, "linear": {"start", "end"}, "intervals": {"intervals"}}
-_OPTIONAL = {"constant": set(), "warmup": {"value"}, "linear": {"start_value", "end_value"}, "intervals": set()}
+_REQUIRED = {
+    "constant": {"value"},
+    "warmup": {"start", "end"},
+    "linear": {"start", "end"},
+    "intervals": {"intervals"},
+    "triangle": {"start", "peak", "end"},
+    "step": {"milestones"},
+}
+_OPTIONAL = {
+    "constant": set(),
+    "warmup": {"value"},
+    "linear": {"start_value", "end_value"},
+    "intervals": set(),
+    "triangle": {"value", "start_value", "end_value"},
+    "step": {"value", "gamma", "start"},
+}
 
 
 def build_schedule(spec: Union[float, Mapping[str, Any], WeightSchedule], what: str = "weight") -> WeightSchedule:
@@ -261,7 +385,7 @@ def build_schedule(spec: Union[float, Mapping[str, Any], WeightSchedule], what: 
 
     Args:
         spec: a number (a constant weight); a mapping with ``type`` (one of ``constant``, ``warmup``,
-            ``linear``, ``intervals``) and that type's keys; or a :class:`WeightSchedule`.
+            ``linear``, ``intervals``, ``triangle``, ``step``) and that type's keys; or a :class:`WeightSchedule`.
         what (str): the option's name, for error messages.
 
     Raises:
