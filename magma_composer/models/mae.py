@@ -20,6 +20,8 @@ __all__ = [
     "InputTransform",
     "MaskedAutoencoder",
     "build_vit",
+    "check_mask_ratio_range",
+    "draw_mask_ratio",
     "encoder_architecture",
     "random_masking",
     "patchify",
@@ -71,6 +73,40 @@ def random_masking(
     mask[:, :n_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return ids_keep, mask, ids_restore
+
+
+def check_mask_ratio_range(value: Any, key: str = "mask_ratio_range") -> tuple[float, float]:
+    """``value`` as ``(low, high)`` with ``0 < low <= high < 1``.
+
+    Raises:
+        OptionError: not a pair of numbers, or out of that range.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise OptionError(key, f"expected [low, high] with 0 < low <= high < 1 (e.g. [0.1, 0.9]), got {value!r}")
+    low = check_number(f"{key}[0]", value[0], 0.0, 1.0, open_min=True, open_max=True)
+    high = check_number(f"{key}[1]", value[1], 0.0, 1.0, open_min=True, open_max=True)
+    if low > high:
+        raise OptionError(key, f"low {low} is above high {high}; write [low, high]")
+    return low, high
+
+
+def draw_mask_ratio(low: float, high: float, *keys: int) -> float:
+    """A mask ratio drawn uniformly from ``[low, high]``, as a pure function of ``keys``.
+
+    The draw comes from a CPU generator seeded with :func:`~magma_composer.seeding.derive_seed` of ``keys`` (and a
+    tag of its own, so that it is independent of the mask noise drawn with the same keys): no device
+    synchronisation, and the same keys always give the same ratio.
+
+    Args:
+        low (float): the smallest ratio.
+        high (float): the largest ratio (``low == high`` gives ``low``).
+        *keys (int): what the draw depends on; :class:`ComposerMAE` passes ``(mask_seed, rank, forward count)``.
+    """
+    u = torch.rand((), generator=seeded_generator(*keys, _RATIO_TAG), dtype=torch.float64).item()
+    return low + (high - low) * u
+
+
+_RATIO_TAG = 0x5241544F  # separates the ratio's draw from the mask noise drawn with the same keys
 
 
 def masked_mse_loss(
@@ -336,7 +372,18 @@ class ComposerMAE(ComposerModel):
         encoder (str | dict): timm ViT name or explicit sizes, see :class:`MaskedAutoencoder`.
         img_size (int): image side in pixels.
         patch_size (int): patch side in pixels; divides ``img_size``.
-        mask_ratio (float): fraction of patches dropped per sample, in ``[0, 1)``.
+        mask_ratio (float, optional): fraction of patches dropped per sample, in ``[0, 1)``. Default 0.75 (when
+            ``mask_ratio_range`` is not given either).
+        mask_ratio_range (tuple[float, float], optional): ``[low, high]`` with ``0 < low <= high < 1``: PMAE's
+            "MAE_rd" baseline. Every training forward draws its ratio uniformly from ``[low, high]`` (see
+            :func:`draw_mask_ratio`), and every sample of that forward drops exactly ``round(N * ratio)`` of its
+            ``N`` patches (at least one kept), so the batch stays rectangular. The draw is a pure function of
+            ``(mask_seed, global rank, training forward count)``, like the masks: a resumed run draws the same
+            ratios. Each microbatch and each rank draws its own ratio (one forward each). The drawn ratio is
+            ``outputs['mask_ratio']`` of the training forward and is logged as ``mae/mask_ratio``. Evaluation,
+            pictures and :attr:`mask_ratio` use the midpoint ``(low + high) / 2`` (the mean of the uniform draw).
+            Exclusive with ``mask_ratio``: give one of the two (from a recipe whose base sets ``mask_ratio``, write
+            ``mask_ratio: null``). The lowest ratio must mask at least one patch.
         norm_pix_loss (bool): normalise each target patch by its mean and variance.
         decoder_dim (int): decoder width.
         decoder_depth (int): decoder blocks.
@@ -361,15 +408,27 @@ class ComposerMAE(ComposerModel):
         encoder: Union[str, dict[str, Any]] = "vit_base_patch16_224",
         img_size: int = 224,
         patch_size: int = 16,
-        mask_ratio: float = 0.75,
+        mask_ratio: float | None = None,
         norm_pix_loss: bool = True,
         decoder_dim: int = 512,
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         in_chans: int = 3,
         mask_seed: int | None = None,
+        mask_ratio_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
+        if mask_ratio_range is not None:
+            if mask_ratio is not None:
+                raise OptionError(
+                    "mask_ratio_range",
+                    f"draws the ratio of every batch, so it cannot be combined with mask_ratio ({mask_ratio!r}); "
+                    "give one of the two (mask_ratio: null to drop an inherited one)",
+                )
+            mask_ratio_range = check_mask_ratio_range(mask_ratio_range)
+            mask_ratio = (mask_ratio_range[0] + mask_ratio_range[1]) / 2
+        elif mask_ratio is None:
+            mask_ratio = 0.75
         check_number("mask_ratio", mask_ratio, 0.0, 1.0, open_max=True)
         if mask_seed is not None:
             check_int("mask_seed", mask_seed, 0)
@@ -382,9 +441,17 @@ class ComposerMAE(ComposerModel):
             decoder_depth=decoder_depth,
             decoder_heads=decoder_heads,
         )
+        if mask_ratio_range is not None and round(self.net.num_patches * mask_ratio_range[0]) < 1:
+            raise OptionError(
+                "mask_ratio_range",
+                f"the lowest ratio {mask_ratio_range[0]} masks no patch of {self.net.num_patches} "
+                f"(round({self.net.num_patches} x {mask_ratio_range[0]}) = 0); raise it "
+                f"above {0.5 / self.net.num_patches:.3g}",
+            )
         self.img_size = img_size
         self.patch_size = patch_size
-        self.mask_ratio = mask_ratio
+        self.mask_ratio = float(mask_ratio)
+        self.mask_ratio_range = mask_ratio_range
         self.norm_pix_loss = norm_pix_loss
         self._input_transform: InputTransform | None = None
         if mask_ratio == 0:  # nothing is masked, so the mask token never gets a gradient (DDP would wait for it)
@@ -447,12 +514,14 @@ class ComposerMAE(ComposerModel):
                 raise ValueError(f"the checkpoint's encoder differs from this model's: {shown}; build the same model")
         self.mask_seed, self._mask_step = int(state["mask_seed"]), int(state["mask_step"])
 
-    def _mask_generator(self, device: torch.device) -> torch.Generator:
+    def _training_mask(self, device: torch.device) -> tuple[float, torch.Generator]:
+        """The ratio and the mask generator of the next training forward, from ``(mask_seed, rank, count)``."""
         from composer.utils import dist
 
-        generator = seeded_generator(self.mask_seed, dist.get_global_rank(), self._mask_step, device=device)
+        keys = (self.mask_seed, dist.get_global_rank(), self._mask_step)
         self._mask_step += 1
-        return generator
+        ratio = self.mask_ratio if self.mask_ratio_range is None else draw_mask_ratio(*self.mask_ratio_range, *keys)
+        return ratio, seeded_generator(*keys, device=device)
 
     @property
     def encoder(self) -> VisionTransformer:
@@ -469,11 +538,19 @@ class ComposerMAE(ComposerModel):
             return batch["image"] if "image" in batch else batch["x"]
         raise TypeError(f"unsupported batch type {type(batch).__name__}: expected (images, labels) or a tensor")
 
-    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Any) -> dict[str, Any]:
+        """The masked forward; in training (patch masking) ``outputs['mask_ratio']`` is the ratio used (a float)."""
         images = self._images(batch)
-        ratio = self.mask_ratio if self.drops_patches else 0.0
-        generator = self._mask_generator(images.device) if ratio > 0 and self.training else None
-        return self.net(images, ratio, generator)
+        if not self.drops_patches:
+            return self.net(images, 0.0, None)
+        if not self.training or self.mask_ratio == 0:  # nothing to draw (mask_ratio 0 has no range)
+            return self.net(images, self.mask_ratio, None)
+        ratio, generator = self._training_mask(images.device)
+        out = self.net(images, ratio, generator)
+        out["mask_ratio"] = ratio
+        if self.mask_ratio_range is not None and self.logger is not None:
+            self.logger.log_metrics({"mae/mask_ratio": ratio})
+        return out
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> dict[str, torch.Tensor]:
         if not self.drops_patches:  # the input transform's algorithm adds its own loss
