@@ -9,7 +9,7 @@ import os
 import random
 import tempfile
 import urllib.parse
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from torch.utils.data import get_worker_info
 
 from magma_composer.data.checked_streaming import CheckedStreamingDataset
 from magma_composer.data.storage import is_remote
-from magma_composer.data.transforms import eval_transform, train_transform
+from magma_composer.data.transforms import eval_transform, normalization, train_transform
+from magma_composer.data.views import two_view_transform
 from magma_composer.options import OptionError, check_int
 from magma_composer.seeding import derive_seed
 
@@ -68,7 +69,8 @@ class StreamingImageDataset(CheckedStreamingDataset):
 
     Yields ``(image, label)``: a ``3 x S x S`` float tensor and an int (``-1`` for a data set without a ``y``
     column: unlabelled images; :attr:`has_labels` tells), or ``(image, label, sample index)`` with
-    ``return_index``.
+    ``return_index``. With ``views`` (training only), ``image`` is a ``2 x 3 x S x S`` tensor of two augmented
+    views (view 1 then view 2), so a collated batch is ``B x 2 x 3 x S x S``.
 
     Built on :class:`~magma_composer.data.checked_streaming.CheckedStreamingDataset`: the data set's index is checked
     first (a clear error naming the endpoint, bucket and prefix), shards are hash-checked (``validate_hash``,
@@ -90,7 +92,15 @@ class StreamingImageDataset(CheckedStreamingDataset):
             crop and flip. Default: none.
         random_erase (float, optional): training: probability of timm's random erasing (per-pixel noise), after
             normalisation. Default 0.
-        normalize (str): ``'imagenet'`` or ``'none'`` (pixels in [0, 1], for PCA masking).
+        normalize (str): ``'imagenet'``, ``'none'`` (pixels in [0, 1], for PCA masking) or ``'pixel'`` (per-pixel
+            standardisation ``(x - mean) / std`` with the statistics in ``pixel_stats``), after ToTensor, for
+            training, evaluation and each view.
+        pixel_stats (str, optional): with ``normalize: pixel`` (and only then): a per-pixel statistics file
+            (``python -m magma_composer.pca stats``) or a PCA basis file, fitted at ``image_size``.
+        views (str | Mapping, optional): training only: yield two augmented views per image for SimCLR / VICReg:
+            a preset ``'simclr'`` or ``'vicreg'``, or ``{preset: ..., <key>: <value>}`` with overrides (see
+            :mod:`magma_composer.data.views`). It replaces the single-view crop and flip, so ``crop_scale``,
+            ``hflip``, ``auto_augment`` and ``random_erase`` are refused beside it (set the crop inside ``views``).
         resize_ratio (float, optional): evaluation: resize to ``image_size / resize_ratio``, then centre crop
             (ImageNet: 0.875). Default ``1.0``.
         max_samples (int, optional): an epoch of this many samples (streaming's ``epoch_size``), for subset runs.
@@ -126,23 +136,39 @@ class StreamingImageDataset(CheckedStreamingDataset):
         transform: Callable | None = None,
         cache_tag: str = "",
         return_index: bool = False,
+        views: str | Mapping[str, Any] | None = None,
+        pixel_stats: str | None = None,
         **streaming_kwargs: Any,
     ) -> None:
         # options of the other kind of transform, or of a transform that is replaced, would be silently unused
-        train_only = ("crop_scale", "hflip", "auto_augment", "random_erase")
+        single_view = ("crop_scale", "hflip", "auto_augment", "random_erase")
         given = dict(
             crop_scale=crop_scale, hflip=hflip, auto_augment=auto_augment, random_erase=random_erase,
             resize_ratio=resize_ratio, normalize=None if normalize == "imagenet" else normalize,
+            pixel_stats=pixel_stats, views=views,
         )  # fmt: skip
         if transform is not None:
             for key, value in given.items():
                 if value is not None:
                     raise OptionError(key, "has no effect: this data set's transform is replaced by 'transform'")
-        unused = ("resize_ratio",) if train else train_only
+        if views is not None and not train:
+            raise OptionError(
+                "views", "applies to training data only (two augmented views per image); an evaluation data set "
+                "yields single centre-cropped images: remove views here"
+            )  # fmt: skip
+        unused = ("resize_ratio",) if train else (*single_view, "views")
         for key, value in given.items():
             if key in unused and value is not None:
                 kind = "evaluation" if train else "training"
                 raise OptionError(key, f"applies to {kind} data only; this data set has the other transform")
+        if views is not None:
+            for key in single_view:
+                if given[key] is not None:
+                    raise OptionError(
+                        key, "has no effect beside views: the two-view pipeline has its own crop, flip and colour "
+                        "augmentations; set them inside views (e.g. views: {preset: simclr, crop_scale: [0.2, 1.0]}) "
+                        "or remove this option"
+                    )  # fmt: skip
         if max_samples is not None:
             check_int("max_samples", max_samples, 1)
             streaming_kwargs["epoch_size"] = max_samples
@@ -156,23 +182,34 @@ class StreamingImageDataset(CheckedStreamingDataset):
             remote, local = None, remote
         super().__init__(remote=remote, local=local, split=split, shuffle=shuffle, **streaming_kwargs)
         if transform is None:
-            transform = (
-                train_transform(
+            # checked and loaded once, here: a bad normalisation or statistics file fails before any sample is read
+            finish = normalization(normalize, pixel_stats, image_size)
+            pixel = finish if normalize == "pixel" else None
+            if views is not None:
+                transform = two_view_transform(views, image_size, normalize, pixel)
+            elif train:
+                transform = train_transform(
                     image_size,
                     crop_scale or (0.2, 1.0),
                     True if hflip is None else hflip,
                     normalize,
                     auto_augment,
                     random_erase or 0.0,
+                    pixel_stats=pixel,
                 )
-                if train
-                else eval_transform(image_size, normalize, 1.0 if resize_ratio is None else resize_ratio)
-            )
+            else:
+                transform = eval_transform(
+                    image_size, normalize, 1.0 if resize_ratio is None else resize_ratio, pixel_stats=pixel
+                )
         self.transform = transform
         self.image_size = image_size
         self.train = train
-        #: the pixel normalisation of the images this data set yields (``'imagenet'`` or ``'none'``)
+        #: the pixel normalisation of the images this data set yields (``'imagenet'``, ``'none'`` or ``'pixel'``)
         self.normalize = normalize
+        #: with ``normalize == 'pixel'``: the per-pixel statistics file
+        self.pixel_stats = pixel_stats
+        #: the two-view option (``None``: single images)
+        self.views = views
         self.augment_seed = int(self.shuffle_seed if augment_seed is None else augment_seed)
         self.return_index = return_index
         # timm's RandAugment and random erasing draw from Python's and NumPy's generators, torchvision's from torch's
