@@ -31,7 +31,8 @@ def build_image_dataloader(
         persistent_workers (bool, optional): keep the workers between epochs. Default: ``True`` when there are
             workers.
         train (bool): the training transform and sampling, or the evaluation ones.
-        **dataset_options: the options of :class:`StreamingImageDataset` (``remote``, ``split``, ``crop_scale``...).
+        **dataset_options: the options of :class:`StreamingImageDataset` (``remote``, ``split``, ``crop_scale``...);
+            with ``views`` (training), batches are ``(B x 2 x C x S x S views, B labels)``.
 
     Raises:
         OptionError: a bad value, named by its option.
