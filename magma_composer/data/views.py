@@ -29,15 +29,18 @@ solarize_prob  0                            0 / 0.2
 
 * ``simclr``: Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations", Appendix A:
   colour distortion of strength ``s = 1`` (jitter ``0.8 s, 0.8 s, 0.8 s, 0.2 s`` with probability 0.8, greyscale
-  0.2) and blur with probability 0.5, kernel 10 % of the side, sigma in [0.1, 2.0]. solo-learn's SimCLR configs
-  (``scripts/pretrain/*/augmentations/symmetric.yaml``, the MAGMA authors' base) use the same strengths; its older
-  and its BYOL/VICReg configs use ``0.4, 0.4, 0.2, 0.1``, which is the ``vicreg`` preset here.
-* ``vicreg``: Bardes et al. 2022, "VICReg", Appendix C, which takes BYOL's (Grill et al. 2020, Table 6) asymmetric
-  pipeline: blur always on view 1 and with probability 0.1 on view 2, solarisation only on view 2 (0.2).
+  0.2) and blur with probability 0.5, kernel 10 % of the side, sigma in [0.1, 2.0]. solo-learn's SimCLR configs (the
+  MAGMA authors' base; ``scripts/pretrain/*/simclr.sh`` and ``augmentations/symmetric.yaml``) use the same
+  strengths; ``0.4, 0.4, 0.2, 0.1`` are solo-learn's BYOL / VICReg strengths, the ``vicreg`` preset here.
+* ``vicreg``: Bardes et al. 2022, "VICReg", whose augmentations are BYOL's (Grill et al. 2020, Appendix B,
+  Table 6): asymmetric, blur always on view 1 and with probability 0.1 on view 2, solarisation only on view 2 (0.2).
+  solo-learn's VICReg configs differ (crop scale from 0.2, symmetric solarisation 0.1, symmetric blur 0.5 on
+  ImageNet-100): override those keys to follow them.
 * Small images (``S`` <= :data:`SMALL_IMAGE_SIZE`: CIFAR, Tiny-ImageNet, MedMNIST at 64 px): no blur in either
-  preset, as SimCLR did on CIFAR-10 (paper Appendix B.9; google-research/simclr's CIFAR-10 command
-  ``--use_blur=False --color_jitter_strength=0.5``) and as solo-learn's CIFAR VICReg config does; ``simclr`` also
-  takes that command's colour strength ``s = 0.5``: jitter ``[0.4, 0.4, 0.4, 0.1]``.
+  preset, as SimCLR did on CIFAR-10 (google-research/simclr's CIFAR-10 command ``--use_blur=False
+  --color_jitter_strength=0.5``) and as solo-learn's CIFAR SimCLR and VICReg scripts do; ``simclr`` also takes
+  that command's colour strength ``s = 0.5``: jitter ``[0.4, 0.4, 0.4, 0.1]`` (solo-learn keeps ``s = 1`` on CIFAR:
+  ``jitter: [0.8, 0.8, 0.8, 0.2]`` follows it).
 
 A mapping ``{preset: simclr, <key>: <value>, ...}`` overrides keys of the table. Probabilities (``*_prob``) take one
 number (both views) or ``[view 1, view 2]``; ranges (``crop_scale``, ``crop_ratio``, ``blur_sigma``) and ``jitter``
