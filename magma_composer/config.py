@@ -6,7 +6,8 @@ A recipe is a YAML mapping. Each section goes, as keyword arguments, to the one 
 =================  =====================================================================================
 section            owner
 =================  =====================================================================================
-``model``          :class:`magma_composer.models.ComposerMAE`
+``model``          the class :data:`magma_composer.registry.MODELS` names by the section's ``name`` (default
+                   ``mae``: :class:`~magma_composer.models.ComposerMAE`; ``simclr``, ``vicreg``)
 ``train_data``     :func:`magma_composer.data.build_image_dataloader`, then :class:`StreamingImageDataset`,
 ``eval_data``      :class:`CheckedStreamingDataset` and ``streaming.StreamingDataset`` (``**kwargs`` pass on)
 ``optimizer``      :func:`magma_composer.train.build_optimizer`
@@ -46,11 +47,13 @@ from magma_composer import registry
 
 __all__ = [
     "ConfigError",
+    "NAMED_SECTIONS",
     "SECTION_OWNERS",
     "TrainConfig",
     "apply_overrides",
     "build_section",
     "check_components",
+    "check_named_section",
     "check_options",
     "check_run_keys",
     "check_value",
@@ -58,6 +61,7 @@ __all__ = [
     "parse_overrides",
     "read_recipe",
     "read_yaml",
+    "section_class",
     "validate",
 ]
 
@@ -149,6 +153,43 @@ class TrainConfig:
         if self.autoresume and (self.save_folder is None or self.run_name is None):
             missing = " and ".join(k for k in ("save_folder", "run_name") if getattr(self, k) is None)
             raise ConfigError(f"autoresume: true needs {missing} (the run's checkpoints are found by both)")
+        self._check_model_fits_the_data()
+
+    def _check_model_fits_the_data(self) -> None:
+        """A two-view model (SimCLR, VICReg) needs ``train_data.views`` and a one-view model refuses them; callbacks
+        that need what only the MAE has are refused for the others."""
+        try:  # TEMPORARY until H-ssl's two_view.py lands
+            from magma_composer.models.two_view import TwoViewModel
+        except ImportError:
+            TwoViewModel = type("TwoViewModel", (), {})  # noqa: N806
+
+        model_class = section_class("model", self.model)
+        name = self.model.get("name", NAMED_SECTIONS["model"][1])
+        two_views = issubclass(model_class, TwoViewModel)
+        views = self.train_data.get("views")
+        if two_views and views is None:
+            raise ConfigError(
+                f"train_data.views: model {name!r} ({model_class.__name__}) trains on two augmented views of each "
+                f"image; set train_data.views (a preset: simclr or vicreg, or {{preset: ..., <overrides>}})"
+            )
+        if not two_views and views is not None:
+            two_view_names = sorted(
+                n for n in registry.MODELS if issubclass(registry.resolve(registry.MODELS, n, "model"), TwoViewModel)
+            )
+            raise ConfigError(
+                f"train_data.views: model {name!r} ({model_class.__name__}) takes one image per sample; remove "
+                f"views, or choose a two-view model (model.name: {' or '.join(two_view_names)})"
+            )
+        if "reconstruction_images" in self.callbacks and not hasattr(model_class, "reconstruction_panels"):
+            raise ConfigError(
+                f"callbacks.reconstruction_images: model {name!r} ({model_class.__name__}) reconstructs no images "
+                "(only the MAE does); remove the callback"
+            )
+        if "online_probe" in self.callbacks and two_views:
+            raise ConfigError(
+                f"callbacks.online_probe: trains on the training batches' images, which are pairs of views for "
+                f"model {name!r}; not supported yet: use knn_monitor (linear_probe: true) to follow the encoder"
+            )
 
 
 def check_run_keys(cfg: Any, time_keys: tuple[str, ...]) -> None:
@@ -204,7 +245,6 @@ def check_run_keys(cfg: Any, time_keys: tuple[str, ...]) -> None:
 
 #: The owner of each section: where its keys come from (see the module's documentation).
 SECTION_OWNERS: dict[str, str] = {
-    "model": "magma_composer.models:ComposerMAE",
     "train_data": "magma_composer.data.loader:build_image_dataloader",
     "eval_data": "magma_composer.data.loader:build_image_dataloader",
     "optimizer": "magma_composer.train:build_optimizer",
@@ -229,6 +269,9 @@ INJECTED: dict[str, tuple[str, ...]] = {
     "callbacks": ("train_loader", "test_loader", "normalize"),
 }
 INJECTED["eval_data"] = INJECTED["train_data"]
+
+#: Sections whose owner the section's own ``name`` key chooses: ``{section: (registry, default name)}``.
+NAMED_SECTIONS: dict[str, tuple[dict[str, str], str]] = {"model": (registry.MODELS, "mae")}
 
 #: the registries of a training recipe's ``algorithms`` / ``callbacks`` / ``loggers`` sections
 COMPONENTS: dict[str, dict[str, str]] = {
@@ -370,6 +413,39 @@ def check_components(section: str, entries: Any, reg: dict[str, str] | None = No
     return out
 
 
+def check_named_section(
+    section: str, options: Any, reg: dict[str, str], default: str, injected: tuple[str, ...] = ()
+) -> dict:
+    """Checks a section whose ``name`` key chooses its owner in ``reg`` (the ``model`` section: ``name: simclr``);
+    the other keys and their types are checked against that class's signature.
+
+    Returns:
+        dict: the checked options, with ``name`` if the recipe gave it.
+
+    Raises:
+        ConfigError: an unknown name (the valid ones listed), or a key or type the chosen class does not take.
+    """
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{section}: expected a mapping of options, got {options!r} ({type(options).__name__})")
+    options = dict(options)
+    given = "name" in options
+    name = options.pop("name", default)
+    if not isinstance(name, str) or name not in reg:
+        raise ConfigError(f"{section}.name: unknown {section} {name!r}; valid names are: {', '.join(sorted(reg))}")
+    cls = registry.resolve(reg, name, section)
+    checked = check_options(cls, options, section, injected)
+    return {"name": name, **checked} if given else checked
+
+
+def section_class(section: str, options: dict | None) -> Any:
+    """The class a checked named section (:data:`NAMED_SECTIONS`) builds: e.g. ``ComposerSimCLR`` for
+    ``model: {name: simclr}``."""
+    reg, default = NAMED_SECTIONS[section]
+    return registry.resolve(reg, (options or {}).get("name", default), section)
+
+
 def _resolve_owner(path: str) -> Any:
     module, _, attr = path.partition(":")
     import importlib
@@ -383,6 +459,7 @@ def validate(
     owners: dict[str, str] | None = None,
     injected: dict[str, tuple[str, ...]] | None = None,
     components: dict[str, dict[str, str]] | None = None,
+    named: dict[str, tuple[dict[str, str], str]] | None = None,
 ) -> Any:
     """Checks a raw recipe's keys and types; returns the config dataclass or raises :class:`ConfigError`.
 
@@ -394,11 +471,14 @@ def validate(
         injected: per section, the owner's arguments that the builder fills in (default :data:`INJECTED`).
         components: the registries of the ``algorithms`` / ``callbacks`` / ``loggers`` sections (default
             :data:`COMPONENTS`).
+        named: sections whose ``name`` key chooses the owner (default :data:`NAMED_SECTIONS`); ``owners`` take
+            precedence (an evaluation recipe's ``model`` has one fixed owner).
     """
     config_class = config_class or TrainConfig
     owners = SECTION_OWNERS if owners is None else owners
     injected = INJECTED if injected is None else injected
     components = COMPONENTS if components is None else components
+    named = NAMED_SECTIONS if named is None else named
     if not isinstance(raw, dict):
         raise ConfigError(f"the recipe must be a mapping of keys, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(config_class)}
@@ -418,6 +498,8 @@ def validate(
                 kwargs[name] = None
                 continue
             kwargs[name] = check_options(_resolve_owner(owners[name]), value, name, injected.get(name, ()))
+        elif name in named:
+            kwargs[name] = check_named_section(name, value, *named[name], injected.get(name, ()))
         elif name in components:
             kwargs[name] = check_components(name, value, components[name])
         else:

@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ALGORITHMS", "CALLBACKS", "EVAL_ALGORITHMS", "LOGGERS", "resolve"]
+__all__ = ["ALGORITHMS", "CALLBACKS", "EVAL_ALGORITHMS", "LOGGERS", "MODELS", "resolve"]
+
+#: The models of a training recipe, chosen by ``model.name`` (default ``mae``); the section's other keys are the
+#: chosen class's constructor arguments.
+MODELS: dict[str, str] = {
+    "mae": "magma_composer.models.mae:ComposerMAE",
+    "simclr": "magma_composer.models.simclr:ComposerSimCLR",
+    "vicreg": "magma_composer.models.vicreg:ComposerVICReg",
+}
 
 ALGORITHMS: dict[str, str] = {
     "magma": "magma_composer.algorithms.magma:MAGMA",

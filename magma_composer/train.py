@@ -36,61 +36,121 @@ from magma_composer.checkpoints import (
     resolve_run_name,
     verify_checkpoint,
 )
-from magma_composer.config import INJECTED, ConfigError, TrainConfig, build_section, load_config
+from magma_composer.config import INJECTED, ConfigError, TrainConfig, build_section, load_config, section_class
 from magma_composer.data.loader import build_image_dataloader
-from magma_composer.models import ComposerMAE
-from magma_composer.options import OptionError, check_number
+from magma_composer.options import OptionError, check_choice, check_number
 
-__all__ = ["build_components", "build_optimizer", "build_scheduler", "build_trainer", "main"]
+__all__ = ["OPTIMIZERS", "build_components", "build_optimizer", "build_scheduler", "build_trainer", "main"]
 
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "reg_token")
+
+
+OPTIMIZERS = ("adamw", "lars")
 
 
 def build_optimizer(
     model: torch.nn.Module,
     global_batch: int,
+    name: str = "adamw",
     lr: float | None = None,
     base_lr: float | None = None,
-    betas: Sequence[float] = (0.9, 0.95),
+    weight_decay: float | None = None,
+    betas: Sequence[float] | None = None,
     eps: float = 1e-8,
-    weight_decay: float = 0.05,
+    momentum: float | None = None,
+    trust_coefficient: float | None = None,
+    trust_clip: bool | None = None,
     no_decay_norm_bias: bool = True,
-) -> DecoupledAdamW:
-    """DecoupledAdamW (the recipe's ``optimizer:`` section); give ``lr``, or ``base_lr`` scaled by the batch.
+) -> torch.optim.Optimizer:
+    r"""The optimizer of a training recipe (its ``optimizer:`` section); give ``lr``, or ``base_lr`` x the batch.
 
-    ``weight_decay`` follows ``torch.optim.AdamW`` (and the papers): each step multiplies the weights by
-    ``1 - lr_t * weight_decay``. Composer's DecoupledAdamW takes the unscaled factor, so it gets
-    ``lr * weight_decay`` (and scales it by the schedule as AdamW does).
+    * ``name: adamw`` (default, the MAE recipes): Composer's DecoupledAdamW. ``weight_decay`` follows
+      ``torch.optim.AdamW`` (and the papers): each step multiplies the weights by ``1 - lr_t * weight_decay``.
+      Composer's DecoupledAdamW takes the unscaled factor, so it gets ``lr * weight_decay`` (and scales it by the
+      schedule as AdamW does).
+    * ``name: lars`` (the SimCLR / VICReg recipes): timm's ``Lars``, SGD with momentum whose step for each weight
+      tensor :math:`w` with gradient :math:`g` is scaled by the layer-wise trust ratio
+
+      .. math::
+
+          u = \eta \frac{\|w\|}{\|g\| + \lambda \|w\| + \epsilon} (g + \lambda w), \qquad
+          b \leftarrow \mu b + u, \qquad w \leftarrow w - \mathrm{lr}_t\, b
+
+      (:math:`\eta` = ``trust_coefficient``, :math:`\lambda` = ``weight_decay``, coupled L2 decay as in SGD,
+      :math:`\mu` = ``momentum``; the buffer :math:`b` starts as the first :math:`u`; the ratio is 1 when
+      :math:`\|w\|` or :math:`\|g\|` is 0). With ``trust_clip`` the ratio is capped so that the adapted rate
+      never exceeds the scheduled one (solo-learn's ``clip_lr``, NVIDIA's LARC): :math:`\min(\text{ratio} /
+      \mathrm{lr}_t, 1)`. The excluded parameters (below) get neither the ratio nor decay: plain SGD with momentum,
+      :math:`b \leftarrow \mu b + g`, :math:`w \leftarrow w - \mathrm{lr}_t b` (solo-learn's
+      ``exclude_bias_n_norm``). timm applies the ratio per parameter group (a group with weight decay 0 and
+      ``always_adapt`` off skips it), so the two kinds are two groups.
+
+    Biases, norms (every parameter with at most one dimension), CLS/mask/register tokens and position embeddings
+    are excluded from weight decay (and, for LARS, from the trust ratio) unless ``no_decay_norm_bias`` is false.
 
     Args:
         model (torch.nn.Module): the model whose trainable parameters are optimised.
         global_batch (int): samples per step over all ranks (for ``base_lr``).
+        name (str): ``'adamw'`` or ``'lars'``.
         lr (float, optional): the peak learning rate.
-        base_lr (float, optional): the peak learning rate per 256 samples: ``lr = base_lr * global_batch / 256``.
-        betas (Sequence[float]): Adam's betas, each in [0, 1).
-        eps (float): Adam's epsilon.
-        weight_decay (float): decoupled weight decay, AdamW convention.
-        no_decay_norm_bias (bool): no weight decay on norms, biases, cls/mask tokens and position embeddings.
+        base_lr (float, optional): the peak learning rate per 256 samples: ``lr = base_lr * global_batch / 256``
+            (solo-learn's ``lr`` is this ``base_lr``).
+        weight_decay (float, optional): AdamW: decoupled, AdamW convention, default 0.05; LARS: coupled L2 decay
+            inside the trust ratio, default 1e-6 (SimCLR's and VICReg's papers).
+        betas (Sequence[float], optional): Adam's betas, each in [0, 1) (adamw only). Default: (0.9, 0.95).
+        eps (float): Adam's epsilon (adamw), or the trust ratio's denominator term (lars).
+        momentum (float, optional): LARS momentum in [0, 1) (lars only). Default: 0.9.
+        trust_coefficient (float, optional): LARS's :math:`\eta` > 0 (lars only). Default: 0.001 (the LARS paper,
+            timm); solo-learn's SimCLR / VICReg recipes use 0.02.
+        trust_clip (bool, optional): cap the trust ratio at the scheduled learning rate (lars only). Default: false.
+        no_decay_norm_bias (bool): exclude norms, biases, tokens and position embeddings from weight decay (and from
+            LARS's trust ratio).
     """
+    check_choice("name", name, OPTIMIZERS)
     if (lr is None) == (base_lr is None):
         raise OptionError("lr", "give exactly one of 'lr' (absolute) or 'base_lr' (x global batch / 256)")
     key, value = ("lr", lr) if lr is not None else ("base_lr", base_lr)
     check_number(key, value, 0.0, open_min=True)
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise OptionError("betas", f"expected two numbers in [0, 1), got {list(betas)}")
     check_number("eps", eps, 0.0, open_min=True)
+    # options of the other optimizer would be accepted and then ignored
+    only = {"betas": ("adamw", betas), "momentum": ("lars", momentum), "trust_coefficient": ("lars", trust_coefficient),
+            "trust_clip": ("lars", trust_clip)}  # fmt: skip
+    for option, (owner, given) in only.items():
+        if given is not None and name != owner:
+            raise OptionError(option, f"applies to name: {owner} only, but name is {name!r}; remove it")
+    if name == "adamw":
+        weight_decay = 0.05 if weight_decay is None else weight_decay
+        betas = (0.9, 0.95) if betas is None else betas
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise OptionError("betas", f"expected two numbers in [0, 1), got {list(betas)}")
+    else:
+        weight_decay = 1e-6 if weight_decay is None else weight_decay
+        momentum = check_number("momentum", 0.9 if momentum is None else momentum, 0.0, 1.0, open_max=True)
+        trust_coefficient = 0.001 if trust_coefficient is None else trust_coefficient
+        check_number("trust_coefficient", trust_coefficient, 0.0, open_min=True)
+        trust_clip = bool(trust_clip)
     check_number("weight_decay", weight_decay, 0.0)
     lr = lr if lr is not None else base_lr * global_batch / 256
+
+    decay, no_decay = [], []
+    for param_name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        excluded = no_decay_norm_bias and (p.ndim <= 1 or param_name.split(".")[-1] in _NO_DECAY_NAMES)
+        (no_decay if excluded else decay).append(p)
+    if not decay and not no_decay:
+        raise OptionError("model", f"{type(model).__name__} has no trainable parameters")
+    if name == "adamw":
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}] if no_decay_norm_bias else decay
+        return DecoupledAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=lr * weight_decay)
+    from timm.optim import Lars
+
+    # always_adapt: the trust ratio even when weight_decay is 0; the excluded group (decay 0, no always_adapt)
+    # is plain SGD with momentum
+    groups = [{"params": decay, "weight_decay": weight_decay, "always_adapt": True}]
     if no_decay_norm_bias:
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.split(".")[-1] in _NO_DECAY_NAMES else decay).append(p)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = [p for p in model.parameters() if p.requires_grad]
-    return DecoupledAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=lr * weight_decay)
+        groups.append({"params": no_decay, "weight_decay": 0.0, "always_adapt": False})
+    return Lars(groups, lr=lr, momentum=momentum, trust_coeff=trust_coefficient, eps=eps, trust_clip=trust_clip)
 
 
 def build_scheduler(warmup: str = "0ba", alpha_f: float = 0.0) -> CosineAnnealingWithWarmupScheduler:
@@ -171,7 +231,10 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         build_section("load_path", verify_checkpoint, cfg.load_path)
     # algorithms first: their options (schedules, basis files) fail before any model or data is built
     algorithms = build_components("algorithms", cfg.algorithms, registry.ALGORITHMS, {})
-    model = build_section("model", ComposerMAE, **cfg.model)
+    model_options = dict(cfg.model)
+    model_class = section_class("model", model_options)
+    model_options.pop("name", None)
+    model = build_section("model", model_class, **model_options)
     for name, algorithm in zip(cfg.algorithms, algorithms):  # options that depend on the model (block indices...)
         check_model = getattr(algorithm, "check_model", None)
         if check_model is not None:
@@ -195,7 +258,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         eval_loader = None if cfg.eval_data is None else data("eval_data", cfg.eval_data, False, "eval")
 
         def bank_loader() -> Any:  # the kNN memory bank: the training split with the evaluation transform
-            options = {k: v for k, v in cfg.train_data.items() if k not in ("crop_scale", "hflip", "max_samples")}
+            # the training-only options (augmentations, two views) do not apply to the bank
+            train_only = ("crop_scale", "hflip", "max_samples", "views", "auto_augment", "random_erase")
+            options = {k: v for k, v in cfg.train_data.items() if k not in train_only}
             # seeded shuffle: a capped bank (knn_monitor.max_train_samples) is a random subset, not the first classes
             return data("train_data", {**options, "shuffle": True}, False, "bank")
 

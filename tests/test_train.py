@@ -130,3 +130,99 @@ def test_optimizer_groups_and_adamw_weight_decay_convention():
     assert "net.encoder.blocks.0.norm1.weight" in no_decay_names and "net.decoder_pred.bias" in no_decay_names
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
     assert "net.encoder.pos_embed" not in {names[id(p)] for g in opt.param_groups for p in g["params"]}
+
+
+class TwoLayers(torch.nn.Module):
+    """A weight matrix, its bias and a norm: one parameter of each kind LARS treats differently."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(4, 3)
+        self.norm = torch.nn.LayerNorm(3)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, 3))
+
+
+@pytest.mark.parametrize("trust_clip", [False, True])
+def test_lars_step_equals_a_hand_computation(trust_clip):
+    """Two steps of timm's Lars as built from a recipe, against LARS written out in float64: the weight matrix gets
+    the trust ratio and coupled weight decay, the bias, the norm and the token plain SGD with momentum."""
+    from timm.optim import Lars
+
+    from magma_composer.train import build_optimizer
+
+    model = TwoLayers()
+    lr, wd, eta, mu = 0.3, 1e-2, 0.02, 0.9
+    opt = build_optimizer(model, 256, name="lars", lr=lr, weight_decay=wd, trust_coefficient=eta,
+                          trust_clip=trust_clip)  # fmt: skip
+    assert isinstance(opt, Lars)
+    params = dict(model.named_parameters())
+    start = {n: p.detach().double().clone() for n, p in params.items()}
+    buffers: dict = {}
+    expected = dict(start)
+    torch.manual_seed(1)
+    steps = [{n: torch.randn_like(p) for n, p in params.items()} for _ in range(2)]
+    for grads in steps:
+        for n, p in params.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, w in expected.items():
+            g = grads[n].double()
+            if n == "fc.weight":
+                ratio = eta * w.norm() / (g.norm() + wd * w.norm() + 1e-8)
+                if trust_clip:
+                    ratio = min(ratio / lr, 1.0)
+                u = ratio * (g + wd * w)
+            else:  # excluded: no trust ratio, no decay
+                u = g
+            buffers[n] = u if n not in buffers else mu * buffers[n] + u
+            expected[n] = w - lr * buffers[n]
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach().double(), expected[n], rtol=1e-6, atol=1e-7, msg=n)
+        assert not torch.allclose(expected[n], start[n])
+    # the weight's step is not plain SGD with momentum (the trust ratio rescales it)
+    g1, g2 = (grads["fc.weight"].double() for grads in steps)
+    plain = start["fc.weight"] - lr * g1 - lr * (mu * g1 + g2)
+    assert not torch.allclose(expected["fc.weight"], plain, atol=1e-3)
+
+
+def test_lars_groups_and_defaults():
+    from magma_composer.models import ComposerMAE
+    from magma_composer.train import build_optimizer
+    from tests.conftest import TINY_MODEL
+
+    model = ComposerMAE(**TINY_MODEL)
+    opt = build_optimizer(model, global_batch=512, name="lars", base_lr=0.3)
+    adapted, plain = opt.param_groups
+    assert adapted["lr"] == pytest.approx(0.6)  # base_lr x 512 / 256
+    assert (adapted["weight_decay"], adapted["always_adapt"]) == (1e-6, True)
+    assert (plain["weight_decay"], plain["always_adapt"]) == (0.0, False)
+    assert adapted["momentum"] == 0.9 and adapted["trust_coeff"] == 0.001 and adapted["trust_clip"] is False
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"net.encoder.cls_token", "net.encoder.blocks.0.norm1.bias"} <= {names[id(p)] for p in plain["params"]}
+    assert all(p.ndim >= 2 for p in adapted["params"])
+    # every parameter adapted and decayed without the exclusion
+    (only,) = build_optimizer(model, 256, name="lars", lr=0.1, no_decay_norm_bias=False).param_groups
+    assert len(only["params"]) == sum(p.requires_grad for p in model.parameters()) and only["always_adapt"]
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"name": "sgd", "lr": 0.1}, "name: 'sgd' is not valid; choose one of 'adamw', 'lars'"),
+        ({"name": "lars", "lr": 0.1, "betas": [0.9, 0.99]}, "betas: applies to name: adamw only"),
+        ({"lr": 0.1, "momentum": 0.9}, "momentum: applies to name: lars only, but name is 'adamw'"),
+        ({"lr": 0.1, "trust_coefficient": 0.02}, "trust_coefficient: applies to name: lars only"),
+        ({"lr": 0.1, "trust_clip": True}, "trust_clip: applies to name: lars only"),
+        ({"name": "lars", "lr": 0.1, "momentum": 1.0}, r"momentum: must be in \[0.0, 1.0\)"),
+        ({"name": "lars", "lr": 0.1, "trust_coefficient": 0}, "trust_coefficient: must be > 0.0"),
+        ({"name": "lars", "lr": 0.1, "weight_decay": -1e-6}, "weight_decay: must be >= 0.0"),
+        ({"name": "lars"}, "lr: give exactly one of 'lr'"),
+    ],
+)
+def test_optimizer_options_are_checked_by_build_optimizer(options, message):
+    from magma_composer.options import OptionError
+    from magma_composer.train import build_optimizer
+
+    with pytest.raises(OptionError, match=message):
+        build_optimizer(TwoLayers(), 256, **options)
