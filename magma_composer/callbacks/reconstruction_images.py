@@ -12,7 +12,7 @@ from composer.utils import dist
 from PIL import Image
 
 from magma_composer.callbacks.interval import parse_interval
-from magma_composer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS
+from magma_composer.data.transforms import NORMALIZATIONS, normalization, unnormalize
 from magma_composer.options import check_choice, check_int
 
 __all__ = ["ReconstructionImages", "save_grid"]
@@ -35,13 +35,10 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: Union[str, Path], scal
     return path
 
 
-def to_pixels(images: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Undoes the data set normalisation (``'imagenet'`` or ``'none'``) to pixels in [0, 1]."""
-    if normalize == "none":
-        return images.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return images.float() * std + mean
+def to_pixels(images: torch.Tensor, normalize: str, pixel_stats: Any = None) -> torch.Tensor:
+    """Undoes the data set normalisation (``'imagenet'``, ``'none'``, or ``'pixel'`` with its statistics file or
+    loaded ``PixelStandardize``) to pixels in [0, 1]."""
+    return unnormalize(images, normalize, pixel_stats)
 
 
 class ReconstructionImages(Callback):
@@ -55,7 +52,8 @@ class ReconstructionImages(Callback):
         folder (str): where the PNGs go (``{run_name}`` is filled in).
         num_images (int): images per row.
         interval (str | int): also write during training at this Composer time (``'5ep'``); ``0``: only at the end.
-        normalize (str): the loader's normalisation, ``'imagenet'`` or ``'none'``.
+        normalize (str): the loader's normalisation, ``'imagenet'``, ``'none'`` or ``'pixel'``.
+        pixel_stats (str, optional): with ``normalize: pixel``: the loader's per-pixel statistics file.
         seed (int): seed of the mask drawn for the picture.
     """
 
@@ -67,12 +65,17 @@ class ReconstructionImages(Callback):
         interval: Union[str, int] = 0,
         normalize: str = "imagenet",
         seed: int = 0,
+        pixel_stats: str | None = None,
     ) -> None:
         self.test_loader = test_loader
         self.folder = folder
         self.num_images = check_int("num_images", num_images, 1)
         self.interval = parse_interval(interval)
         self.normalize = check_choice("normalize", normalize, NORMALIZATIONS)
+        if normalize != "pixel" or pixel_stats is None:
+            normalization(normalize, pixel_stats)  # normalize: pixel <-> pixel_stats, checked now
+        self.pixel_stats = pixel_stats
+        self._pixel: Any = None  # the statistics, loaded on first use (the images' size is known then)
         self.seed = check_int("seed", seed, 0)
         self._images: torch.Tensor | None = None
         #: paths written so far
@@ -100,11 +103,14 @@ class ReconstructionImages(Callback):
         model = getattr(state.model, "module", state.model)
         device = next(model.parameters()).device
         images = images.to(device)
+        if self.normalize == "pixel" and self._pixel is None:
+            self._pixel = normalization("pixel", self.pixel_stats, images.shape[-1])
         was_training = model.training
         model.eval()
         try:
             rows = [
-                (title, to_pixels(x, self.normalize)) for title, x in model.reconstruction_panels(images, self.seed)
+                (title, to_pixels(x, self.normalize, self._pixel))
+                for title, x in model.reconstruction_panels(images, self.seed)
             ]
         finally:
             model.train(was_training)
