@@ -118,3 +118,31 @@ def test_tap_paused_skips_forwards_nested_and_without_a_tap():
     tap.arm()
     model((second, None))  # after the context, recording again
     assert len(tap.block_features(1)) == 1
+
+
+def test_vit_modules_by_dotted_name():
+    model = ComposerMAE(**TINY_MODEL)
+    tap = get_feature_tap(model)
+    assert tap.resolve("blocks.3") == 3 and tap.resolve(-1) == 3 and tap.resolve("norm") == "norm"
+    tap.request_blocks(["blocks.3", 3, "norm", "patch_embed", "blocks.1.mlp"])
+    assert len(model.net.encoder.blocks[3]._forward_hooks) == 1  # one hook for the int and the name
+    seen = {}
+    vit = model.net.encoder
+    handles = [
+        getattr(vit, name).register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, o))
+        for name in ("norm", "patch_embed")
+    ]
+    handles.append(vit.blocks[1].mlp.register_forward_hook(lambda m, a, o: seen.setdefault("mlp", o)))
+    tap.arm()
+    model((torch.randn(4, 3, 32, 32), None))
+    tap.disarm()
+    assert len(tap.block_features("blocks.3")) == 1 and tap.block_features("blocks.3") == tap.block_features(3)
+    # token outputs inside the ViT: CLS excluded; patch_embed runs before the CLS token is prepended
+    torch.testing.assert_close(tap.block_features("norm")[0], seen["norm"][:, 1:].mean(1))
+    torch.testing.assert_close(tap.block_features("blocks.1.mlp")[0], seen["mlp"][:, 1:].mean(1))
+    torch.testing.assert_close(tap.block_features("patch_embed")[0], seen["patch_embed"].mean(1))
+    assert seen["patch_embed"].shape[1] == 16 and seen["norm"].shape[1] <= 17
+    for handle in handles:
+        handle.remove()
+    with pytest.raises(ValueError, match=r"layer='layer3' names no module of the tapped encoder, ComposerMAE's timm "):
+        tap.resolve("layer3")

@@ -334,3 +334,27 @@ def test_a_models_total_entry_gets_the_term_too():
     trainer.fit()
     expected = [2 * m + g for m, g in zip(_series(logger, "loss/train/mae"), _series(logger, "loss/train/magma"))]
     assert _series(logger, "loss/train/total") == pytest.approx(expected, rel=1e-6)
+
+
+def test_vit_blocks_by_dotted_name_give_the_same_term():
+    probe = _RecomputeMagma(reference=1, target=3)
+    magma = MAGMA(reference_layers=["blocks.1"], target_layer="blocks.3", weight=0.5)
+    trainer, _ = _trainer(_mae(mask_ratio=0.0), [magma], callbacks=[probe])
+    trainer.fit()
+    assert len(probe.pairs) == 2
+    for got, expected, requires_grad in probe.pairs:
+        assert requires_grad and got == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reference_layers": ["blocks.1", 1]}, "names a block twice"),
+        ({"reference_layers": ["norm"], "target_layer": 2}, r"must come after every reference module.*\['norm'\]"),
+        ({"reference_layers": ["blocks.4"]}, r"reference_layers='blocks.4' names no module.*blocks, norm"),
+        ({"reference_layers": ["layer3"], "target_layer": "layer4"}, r"names no module.*patch_embed"),
+    ],
+)
+def test_names_are_checked_against_the_vit(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MAGMA(**kwargs).check_model(_mae())

@@ -1,13 +1,14 @@
-"""The event handling shared by the batch-wide regularisers that read a timm ViT's features.
+"""The event handling shared by the batch-wide regularisers that read an encoder's features.
 
 :class:`TapRegularizer` is the base of :class:`~magma_composer.algorithms.magma.MAGMA` and
 :class:`~magma_composer.algorithms.uniformity.Uniformity`. A subclass says which features it needs
 (:meth:`TapRegularizer._request`) and how to turn them into a term (:meth:`TapRegularizer._compute`);
 the base does the rest, the same way for both:
 
-* ``INIT``: finds the model's timm ViT and asks its shared :class:`~magma_composer.models.FeatureTap`
-  for the features (hooks added now, before DDP/FSDP wrapping); a later ``fit()`` after ``FIT_END``
-  re-adds them at ``FIT_START``.
+* ``INIT``: finds the model's encoder (its timm ViT, else its ``encoder`` attribute, see
+  :func:`~magma_composer.models.taps.find_encoder`) and asks its shared
+  :class:`~magma_composer.models.FeatureTap` for the features (hooks added now, before DDP/FSDP
+  wrapping); a later ``fit()`` after ``FIT_END`` re-adds them at ``FIT_START``.
 * ``BEFORE_TRAIN_BATCH``: evaluates the weight schedule once for the batch; warns once if the
   microbatch is smaller than the per-device batch (the term then sees one microbatch at a time).
 * ``BEFORE_FORWARD`` / ``AFTER_FORWARD``: arms and disarms the tap, only while the weight is not 0,
@@ -131,7 +132,7 @@ class TapRegularizer(Algorithm):
     # ------------------------------------------------------------------ subclass interface
     @abstractmethod
     def _check(self, tap: FeatureTap) -> None:
-        """Validates the options against the tap's ViT; raises ``ValueError``."""
+        """Validates the options against the tap's encoder; raises ``ValueError``."""
 
     @abstractmethod
     def _request(self, tap: FeatureTap) -> None:
@@ -188,12 +189,17 @@ class TapRegularizer(Algorithm):
             self._tap = None
 
     def check_model(self, model: torch.nn.Module) -> FeatureTap:
-        """Checks the options against ``model`` (its ViT's depth, its class token) before training; returns its tap.
+        """Checks the options against ``model`` (its ViT's depth, module names, a class token) before training.
 
         The recipe builder calls it before the Trainer starts, and ``INIT`` calls it again.
 
+        Returns:
+            FeatureTap: the model's tap.
+
         Raises:
-            ValueError: the model holds no timm ViT, or an option does not fit it (e.g. a block index out of range).
+            ValueError: an option does not fit the model's encoder (a block index out of range, an int index on
+                an encoder that is not a ViT, a module name it does not have, no class token...), prefixed with
+                the algorithm's name.
         """
         try:
             tap = get_feature_tap(model)

@@ -1,4 +1,4 @@
-"""MAGMA: layer-wise manifold regularisation of a ViT encoder (Dondera, Singh, Jamali-Rad, arXiv 2412.02871).
+"""MAGMA: layer-wise manifold regularisation of an encoder (Dondera, Singh, Jamali-Rad, arXiv 2412.02871).
 
 The functional form :func:`magma_loss` comes first, the Composer :class:`MAGMA` algorithm after it.
 The maths is docs/algorithms.md §1; the method card is ``README.md`` beside this file.
@@ -16,7 +16,7 @@ from magma_composer.algorithms.feature_checks import check_feature_dtype, requir
 from magma_composer.algorithms.tap_regularizer import TapRegularizer, TermRecord
 from magma_composer.distributed import all_gather_with_grad
 from magma_composer.models.taps import FeatureTap
-from magma_composer.options import OptionError, check_int, check_number
+from magma_composer.options import OptionError, check_number
 from magma_composer.schedules import WeightSchedule
 
 __all__ = ["MAGMA", "MagmaStats", "magma_loss"]
@@ -186,19 +186,44 @@ def magma_loss(
         return out, stats
 
 
+def _check_layer(key: str, layer: Any) -> None:
+    """A layer option is an int (a ViT block index) or a non-empty module name; which exist is checked on the model."""
+    if isinstance(layer, str):
+        if not layer:
+            raise OptionError(key, "expected a module name such as 'layer3', got an empty string")
+    elif isinstance(layer, bool) or not isinstance(layer, int):
+        raise OptionError(
+            key,
+            f"expected an integer (a ViT block index) or a module name (e.g. 'layer3'), got {layer!r} "
+            f"({type(layer).__name__})",
+        )
+
+
 class MAGMA(TapRegularizer):
-    """Adds the MAGMA manifold regulariser of a ViT's blocks to the training loss.
+    """Adds the MAGMA manifold regulariser of an encoder's layers to the training loss.
 
-    Each training step (each microbatch), for every reference block ``k`` it computes
-    :func:`magma_loss` ``(X_k, Y)``, where ``X_k`` and ``Y`` are the patch-token means (CLS excluded)
-    of block ``k``'s and the target block's outputs, averages over the reference blocks (and over the
-    model's forward calls if it ran the encoder several times, e.g. on two views), and adds
-    ``weight * R`` to ``state.loss['magma']``.
+    Each training step (each microbatch), for every reference layer ``k`` it computes
+    :func:`magma_loss` ``(X_k, Y)``, where ``X_k`` and ``Y`` are the reduced outputs of layer ``k`` and
+    of the target layer recorded by the model's :class:`~magma_composer.models.FeatureTap`, averages over
+    the reference layers (and over the recorded forward calls if the model ran the encoder several times
+    outside :func:`~magma_composer.models.taps.tap_paused`), and adds ``weight * R`` to
+    ``state.loss['magma']``.
 
-    It works on any ComposerModel that holds a timm ``VisionTransformer`` (the MAE of this package, a
-    SimCLR or VICReg model...). The term is batch-wide: it sees one microbatch, so set the microbatch
-    to the per-device batch (a warning says when it is smaller), or use ``gather=True`` for the global
-    batch across ranks.
+    It works on any ComposerModel with an encoder the tap can read (see
+    :func:`~magma_composer.models.taps.find_encoder`):
+
+    * a timm ``VisionTransformer`` (the MAE of this package, a SimCLR or VICReg model on a ViT): layers
+      are block indices, or dotted module names (``'blocks.10'``); a block's output is reduced to the
+      mean over its patch tokens (CLS excluded);
+    * any other encoder exposed as the model's ``encoder`` attribute, e.g. a timm ResNet: layers are
+      dotted module names, a 4-D output is reduced by global average pooling. The published ResNet
+      setting is ``reference_layers=['layer3'], target_layer='layer4'`` (the pooled ``layer4`` is the
+      ResNet's pooled output).
+
+    Two-view models (SimCLR, VICReg) encode their second view inside ``tap_paused``, so the term reads
+    the first view only. The term is batch-wide: it sees one microbatch, so set the microbatch to the
+    per-device batch (a warning says when it is smaller), or use ``gather=True`` for the global batch
+    across ranks.
 
     Logged every batch: ``magma/weight``; while the weight is not 0, also ``magma/term`` (the unweighted
     ``R``), ``magma/gamma``, ``magma/mean_affinity`` (mean off-diagonal ``W``), ``magma/target_norm``
@@ -206,9 +231,12 @@ class MAGMA(TapRegularizer):
     ``magma/skipped``; the trainer logs ``loss/train/magma`` (``weight * R``).
 
     Args:
-        reference_layers (int | list[int]): 0-based reference block indices (negative counts from the
-            end). Default: ``[10]`` (ViT-B's recipe).
-        target_layer (int): the target block, after every reference block. Default: ``-1`` (the last).
+        reference_layers (int | list[int | str]): the reference layers: 0-based ViT block indices
+            (negative counts from the end) or dotted module names of the encoder (``'layer3'``). Default:
+            ``[10]`` (ViT-B's recipe).
+        target_layer (int | str): the target layer, after every reference layer (for names: later in the
+            encoder's module registration order, ``named_modules()``, and not inside a reference module).
+            Default: ``-1`` (the last ViT block).
         weight (float | dict | WeightSchedule): the weight lambda, or a schedule such as
             ``{'type': 'warmup', 'start': '10ep', 'end': '110ep', 'value': 1.0}``. Default: ``1.0``.
         rbf_scale (float): see :func:`magma_loss`. Default: ``1.0``.
@@ -232,8 +260,8 @@ class MAGMA(TapRegularizer):
 
     def __init__(
         self,
-        reference_layers: Union[int, Sequence[int]] = (10,),
-        target_layer: int = -1,
+        reference_layers: Union[int, Sequence[Union[int, str]]] = (10,),
+        target_layer: Union[int, str] = -1,
         weight: Union[float, Mapping[str, Any], WeightSchedule] = 1.0,
         rbf_scale: float = 1.0,
         eps: float = 1e-4,
@@ -244,35 +272,54 @@ class MAGMA(TapRegularizer):
         if isinstance(reference_layers, int) and not isinstance(reference_layers, bool):
             reference_layers = [reference_layers]
         if isinstance(reference_layers, (str, bytes)) or not isinstance(reference_layers, Sequence):
-            raise OptionError("reference_layers", f"expected a list of block indices, got {reference_layers!r}")
+            raise OptionError(
+                "reference_layers",
+                f"expected a list of block indices or module names (e.g. [10] or [layer3]), got {reference_layers!r}",
+            )
         reference_layers = list(reference_layers)
         if not reference_layers:
-            raise OptionError("reference_layers", "must name at least one block (e.g. [10])")
-        for i, index in enumerate(reference_layers):
-            check_int(f"reference_layers[{i}]", index)
-        check_int("target_layer", target_layer)
+            raise OptionError("reference_layers", "must name at least one block (e.g. [10] or [layer3])")
+        for i, layer in enumerate(reference_layers):
+            _check_layer(f"reference_layers[{i}]", layer)
+        _check_layer("target_layer", target_layer)
         self.reference_layers = reference_layers
         self.target_layer = target_layer
         self.rbf_scale = check_number("rbf_scale", rbf_scale, 0.0, open_min=True)
         self.eps = check_number("eps", eps, 0.0, open_min=True)
         self.gamma = None if gamma is None else check_number("gamma", gamma, 0.0, open_min=True)
-        self._reference_blocks: list[int] = []
-        self._target_block = -1
+        self._reference_blocks: list[Union[int, str]] = []
+        self._target_block: Union[int, str] = -1
 
     def _request(self, tap: FeatureTap) -> None:
         tap.request_blocks(self._reference_blocks + [self._target_block])
 
     def _check(self, tap: FeatureTap) -> None:
-        refs = [tap.normalize_block_index(i, "reference_layers") for i in self.reference_layers]
-        target = tap.normalize_block_index(self.target_layer, "target_layer")
+        refs = [tap.resolve(layer, "reference_layers") for layer in self.reference_layers]
+        target = tap.resolve(self.target_layer, "target_layer")
         if len(set(refs)) != len(refs):
             raise ValueError(f"reference_layers={self.reference_layers} names a block twice")
-        late = [self.reference_layers[j] for j, i in enumerate(refs) if i >= target]
-        if late:
-            raise ValueError(
-                f"target_layer={self.target_layer} (block {target} of {tap.depth}) must come after every reference "
-                f"block, but reference_layers {late} do not come before it"
-            )
+        if all(isinstance(key, int) for key in [*refs, target]):
+            late = [self.reference_layers[j] for j, i in enumerate(refs) if i >= target]
+            if late:
+                raise ValueError(
+                    f"target_layer={self.target_layer} (block {target} of {tap.depth}) must come after every "
+                    f"reference block, but reference_layers {late} do not come before it"
+                )
+        else:
+            # named modules: ordered by registration (parents before their children), and the target may not
+            # lie inside a reference module (its output would be computed before the reference's)
+            target_name, target_order = tap.module_name(target), tap.module_order(target)
+            late = [
+                layer
+                for layer, key in zip(self.reference_layers, refs)
+                if tap.module_order(key) >= target_order or target_name.startswith(tap.module_name(key) + ".")
+            ]
+            if late:
+                raise ValueError(
+                    f"target_layer={self.target_layer!r} must come after every reference module in the encoder's "
+                    f"registration order (the order of named_modules(), a module before its children) and lie "
+                    f"inside none of them, but reference_layers {late} do not come before it"
+                )
         self._reference_blocks, self._target_block = refs, target
 
     def _compute(self, tap: FeatureTap) -> tuple[torch.Tensor, TermRecord]:

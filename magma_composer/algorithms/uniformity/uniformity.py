@@ -102,9 +102,11 @@ class Uniformity(TapRegularizer):
 
     Each training step (each microbatch) it computes :func:`uniformity_loss` on the CLS token after the
     final LayerNorm of the model's timm ViT, as recorded during the training forward (the masked
-    forward, for the MAE), averages over the forward calls if the encoder ran several times, and adds
-    ``weight * U`` to ``state.loss['uniformity']``. It works on any ComposerModel holding a timm ViT with
-    a class token.
+    forward, for the MAE), averages over the recorded forward calls if the encoder ran several times
+    (a two-view model encodes its second view inside :func:`~magma_composer.models.taps.tap_paused`, so
+    the term reads the first view only), and adds ``weight * U`` to ``state.loss['uniformity']``. It
+    works on any ComposerModel holding a timm ViT with a class token; on another encoder (a ResNet) it
+    is a clear error at the recipe check, before training.
 
     The term is batch-wide: it sees one microbatch, so set the microbatch to the per-device batch (a
     warning says when it is smaller). The original U-MAE code gathered the features from all devices:
