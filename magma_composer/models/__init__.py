@@ -10,7 +10,7 @@ from magma_composer.models.mae import (
     random_masking,
     unpatchify,
 )
-from magma_composer.models.taps import FeatureTap, find_vit, get_feature_tap
+from magma_composer.models.taps import FeatureTap, find_encoder, find_vit, get_feature_tap, tap_paused
 
 __all__ = [
     "ComposerMAE",
@@ -18,10 +18,12 @@ __all__ = [
     "MaskedAutoencoder",
     "build_vit",
     "FeatureTap",
+    "find_encoder",
     "find_vit",
     "get_feature_tap",
     "masked_mse_loss",
     "patchify",
     "random_masking",
+    "tap_paused",
     "unpatchify",
 ]
