@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from streaming import MDSWriter
 
-from magma_composer.pca import fit_pca, load_basis, save_basis
+from magma_composer.pca import fit_basis, fit_pca, load_basis, load_pixel_stats, save_basis
 from magma_composer.pca.__main__ import main as pca_main
 from tests.conftest import free_port, run_module
 
@@ -57,7 +57,7 @@ def _setup(case: str, tmp: Path, mds: Path, basis_file: Path) -> tuple[list[str]
     env: dict = {}
     if case == "out-parent-is-a-file":
         (tmp / "afile").write_text("x")
-    elif case == "out-exists":
+    elif case in ("out-exists", "stats-out-exists"):
         (tmp / "exists.pt").write_bytes(b"precious")
     elif case == "out-unwritable":
         if os.geteuid() != 0:
@@ -89,6 +89,7 @@ def _setup(case: str, tmp: Path, mds: Path, basis_file: Path) -> tuple[list[str]
 
 
 FIT = ["fit", "--data", "{mds}", "--split", "train", "--image-size", "8", "--out", "{tmp}/b.pt", "--no-progress"]
+STATS = ["stats", *FIT[1:]]
 
 #: (case, arguments, exit status, phrase of the message), each run as a user runs it, in a new process
 CASES = [
@@ -127,20 +128,27 @@ CASES = [
     ("out-parent-is-a-file", FIT + ["--out", "{tmp}/afile/b.pt"], 2, "'{tmp}/afile' is a file, not a folder"),
     ("out-unwritable", FIT + ["--out", "{unwritable}/b.pt"], 2, "is not writable"),
     ("out-exists", FIT + ["--out", "{tmp}/exists.pt"], 2, "--out: '{tmp}/exists.pt' already exists"),
-    ("info-missing", ["info", "{tmp}/missing.pt"], 2, "PCA basis file '{tmp}/missing.pt' does not exist"),
-    ("info-not-a-basis", ["info", "{tmp}/other.pt"], 2, "'{tmp}/other.pt' is not a PCA basis file"),
+    (
+        "info-missing",
+        ["info", "{tmp}/missing.pt"],
+        2,
+        "PCA basis or pixel statistics file '{tmp}/missing.pt' does not exist",
+    ),
+    ("info-not-a-basis", ["info", "{tmp}/other.pt"], 2, "'{tmp}/other.pt' is not a PCA basis or pixel statistics file"),
     (
         "info-truncated",
         ["info", "{tmp}/cut.pt"],
         2,
-        "'{tmp}/cut.pt' is not a PCA basis file written by magma_composer, or it is truncated",
+        "'{tmp}/cut.pt' is not a PCA basis or pixel statistics file written by magma_composer, or it is truncated",
     ),
     (
         "info-one-byte-altered",
         ["info", "{tmp}/edited.pt"],
         2,
-        "PCA basis file '{tmp}/edited.pt' is corrupted: its bytes hash to",
+        "PCA basis or pixel statistics file '{tmp}/edited.pt' is corrupted: its bytes hash to",
     ),
+    ("stats-out-exists", STATS + ["--out", "{tmp}/exists.pt"], 2, "--out: '{tmp}/exists.pt' already exists"),
+    ("stats-data-missing", STATS + ["--data", "{tmp}/nothing"], 2, "--data: no MDS data set at"),
 ]
 
 #: more of the same kinds, run in this process through the same main()
@@ -161,8 +169,17 @@ MORE_CASES = [
         "--data: cannot read the MDS index of nope://bucket/set",
     ),
     ("local-for-local-data", FIT + ["--local", "{tmp}/cache"], 2, "--local: is only for remote data"),
-    ("info-directory", ["info", "{tmp}"], 2, "'{tmp}' is a directory, not a basis file"),
-    ("info-text-file", ["info", "{tmp}/notes.txt"], 2, "'{tmp}/notes.txt' is not a PCA basis file"),
+    ("info-directory", ["info", "{tmp}"], 2, "'{tmp}' is a directory, not a file"),
+    ("info-text-file", ["info", "{tmp}/notes.txt"], 2, "'{tmp}/notes.txt' is not a PCA basis or pixel statistics"),
+    ("stats-image-size-0", STATS + ["--image-size", "0"], 2, "--image-size: must be >= 1, got 0"),
+    ("stats-batch-size-0", STATS + ["--batch-size", "0"], 2, "--batch-size: must be >= 1, got 0"),
+    ("stats-max-images-1", STATS + ["--max-images", "1"], 2, "--max-images: must be >= 2, got 1"),
+    ("stats-num-workers-negative", STATS + ["--num-workers", "-1"], 2, "--num-workers: must be >= 0, got -1"),
+    ("stats-device-bogus", STATS + ["--device", "bogus"], 2, "--device: 'bogus' is not a device"),
+    ("stats-dist-timeout-0", STATS + ["--dist-timeout", "0"], 2, "--dist-timeout: must be > 0"),
+    ("stats-split-missing", STATS + ["--split", "validation"], 2, "--split: 'validation' is not a folder in"),
+    ("stats-out-is-a-directory", STATS + ["--out", "{tmp}"], 2, "--out: '{tmp}' is a directory"),
+    ("stats-no-components", STATS + ["--components", "4"], 2, "unrecognized arguments: --components 4"),
 ]
 
 
@@ -188,7 +205,7 @@ def test_bad_input_is_one_error_line(case, args, status, phrase, mds, basis_file
     assert len(lines) == 1 and lines[0].startswith(f"{PROG} {args[0]}: error: "), result.stderr
     assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary file left
-    if case == "out-exists":
+    if case in ("out-exists", "stats-out-exists"):
         assert (tmp_path / "exists.pt").read_bytes() == b"precious"
 
 
@@ -205,7 +222,7 @@ def test_more_bad_input_in_process(case, args, status, phrase, mds, basis_file, 
         status_seen = e.code
     err = capsys.readouterr().err
     assert status_seen == status and phrase.replace("{tmp}", str(tmp_path)) in err, err
-    if case != "image-size-not-int":
+    if case not in ("image-size-not-int", "stats-no-components"):
         assert err.count("\n") == 1 and err.startswith(f"{PROG} {args[0]}: error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -242,6 +259,23 @@ def test_overwrite_replaces_and_info_reads_it(mds, tmp_path):
     assert info.returncode == 0 and "K=6 components (exact) from 12 images" in info.stdout
 
 
+def test_stats_writes_a_statistics_file_that_info_and_load_read(mds, tmp_path):
+    out = tmp_path / "s.pt"
+    args = ["stats", "--data", str(mds), "--split", "train", "--image-size", "8", "--out", str(out), "--no-progress"]
+    made = run_cli(*args, "--max-images", "10", cwd=tmp_path)
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    assert f"{out}: Pixel statistics: 3x8x8 (D=192) from 10 images" in made.stdout
+    stats = load_pixel_stats(out)
+    basis = fit_basis(
+        str(mds), split="train", image_size=8, max_images=10, components=2, method="randomized", progress=False
+    )
+    assert torch.equal(stats.mean, basis.mean) and torch.equal(stats.std, basis.std)  # the fit's first pass
+    assert run_cli(*args, cwd=tmp_path).returncode == 2  # exists, kept
+    info = run_cli("info", str(out), cwd=tmp_path)
+    assert info.returncode == 0 and info.stdout.startswith("Pixel statistics: 3x8x8 (D=192) from 10 images")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
+
+
 def _small_file_limit() -> None:
     """In the child: files may not grow past 4 KiB (a full disk, as the writer sees it)."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -262,14 +296,16 @@ def test_a_failed_write_leaves_nothing_behind(mds, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]
 
 
-@pytest.mark.parametrize("failure", ["out-exists", "write-fails-on-rank-0"])
-def test_two_ranks_fail_together_and_exit(failure, mds, tmp_path):
+@pytest.mark.parametrize(
+    "failure, command", [("out-exists", "fit"), ("write-fails-on-rank-0", "fit"), ("write-fails-on-rank-0", "stats")]
+)
+def test_two_ranks_fail_together_and_exit(failure, command, mds, tmp_path):
     """A failure that only rank 0 sees (it alone checks and writes --out) ends both ranks, none waits forever."""
     out = tmp_path / "b.pt"
     if failure == "out-exists":
         out.write_bytes(b"precious")
     port = str(free_port())
-    cmd = [sys.executable, "-m", "magma_composer.pca", "fit", "--data", str(mds), "--split", "train"]
+    cmd = [sys.executable, "-m", "magma_composer.pca", command, "--data", str(mds), "--split", "train"]
     cmd += ["--image-size", "8", "--out", str(out), "--device", "cpu", "--no-progress", "--dist-timeout", "60"]
     procs = []
     for rank in range(2):

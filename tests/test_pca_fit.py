@@ -29,6 +29,7 @@ from magma_composer.pca import (
 )
 from magma_composer.pca.__main__ import main as pca_main
 from magma_composer.pca.basis import BASIS_FORMAT, STATS_FORMAT, _write_payload, describe_file
+from magma_composer.pca.fit import compute_pixel_stats, fit_pixel_stats
 from magma_composer.pca.source import split_shards
 from tests.conftest import free_port
 from tests.s3_server import moto_server, s3  # noqa: F401  (fixtures)
@@ -219,6 +220,38 @@ def test_fit_from_mds_matches_reference_on_the_decoded_images(jpeg_mds):
     assert torch.allclose(first.ratios, evals25[:6] / evals25.sum(), rtol=1e-7)
 
 
+def test_stats_from_mds_are_the_reference_and_the_basis_standardisation(jpeg_mds, tmp_path, capsys):
+    images = decoded(jpeg_mds)
+    mean, std, _, _ = reference(images)
+    stats = compute_pixel_stats(str(jpeg_mds), split="train", image_size=16, batch_size=16, progress=False)
+    assert (stats.image_size, stats.channels) == (16, 3)
+    assert torch.allclose(stats.mean, mean, atol=1e-12, rtol=0) and torch.allclose(stats.std, std, rtol=1e-9, atol=0)
+    # the randomized fit's first pass is this pass (bit for bit); the exact fit sums the squares in another order
+    randomized = fit_basis(
+        str(jpeg_mds), split="train", image_size=16, components=3, method="randomized", progress=False
+    )
+    assert torch.equal(stats.mean, randomized.mean) and torch.equal(stats.std, randomized.std)
+    exact = fit_basis(str(jpeg_mds), split="train", image_size=16, batch_size=16, progress=False)
+    assert torch.equal(stats.mean, exact.mean) and torch.allclose(stats.std, exact.std, rtol=1e-12, atol=0)
+    first = compute_pixel_stats(str(jpeg_mds), split="train", image_size=16, max_images=25, progress=False)
+    assert torch.allclose(first.mean, reference(images[:25])[0], atol=1e-12, rtol=0)
+    # in memory, from batches: the same numbers
+    batches = images.reshape(40, -1).split(7)
+    assert torch.allclose(fit_pixel_stats(lambda: batches, 16, progress=False).mean, mean, atol=1e-12, rtol=0)
+    out = tmp_path / "stats.pt"
+    argv = ["stats", "--data", str(jpeg_mds), "--split", "train", "--image-size", "16", "--out", str(out)]
+    assert pca_main([*argv, "--no-progress", "--batch-size", "9"]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: Pixel statistics: 3x16x16 (D=768) from 40 images")
+    assert torch.equal(load_pixel_stats(out).mean, stats.mean)
+    with pytest.raises(OptionError, match="already exists") as e:
+        compute_pixel_stats(str(jpeg_mds), split="train", image_size=16, out=out, progress=False)
+    assert e.value.key == "out"
+    for key, kwargs in [("image_size", {"image_size": 0}), ("max_images", {"max_images": 1})]:
+        with pytest.raises(OptionError) as e:
+            compute_pixel_stats(str(jpeg_mds), **{"image_size": 16, "progress": False, **kwargs})
+        assert e.value.key == key
+
+
 def test_fit_resizes_shorter_side_and_centre_crops(jpeg_mds):
     basis = fit_basis(str(jpeg_mds), split="train", image_size=8, components=4, method="randomized", progress=False)
     assert (basis.image_size, basis.channels, basis.dim) == (8, 3, 192)
@@ -257,11 +290,12 @@ def test_cli_fit_and_info(jpeg_mds, tmp_path, capsys):
     assert "error: --data: no MDS data set at" in capsys.readouterr().err
 
 
-def test_two_ranks_read_disjoint_shards_and_agree_with_one(jpeg_mds, tmp_path):
+@pytest.mark.parametrize("command", ["fit", "stats"])
+def test_two_ranks_read_disjoint_shards_and_agree_with_one(command, jpeg_mds, tmp_path):
     """Two gloo ranks of the CLI (the environment ``composer -n 2`` / ``torchrun`` set), sums all-reduced."""
     out = tmp_path / "two.pt"
     port = str(free_port())
-    cmd = [sys.executable, "-m", "magma_composer.pca", "fit", "--data", str(jpeg_mds), "--split", "train"]
+    cmd = [sys.executable, "-m", "magma_composer.pca", command, "--data", str(jpeg_mds), "--split", "train"]
     cmd += ["--image-size", "16", "--out", str(out), "--device", "cpu", "--no-progress"]
     procs = []
     for rank in range(2):
@@ -270,6 +304,13 @@ def test_two_ranks_read_disjoint_shards_and_agree_with_one(jpeg_mds, tmp_path):
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    if command == "stats":
+        stats = load_pixel_stats(out)
+        one = compute_pixel_stats(str(jpeg_mds), split="train", image_size=16, progress=False)
+        assert torch.allclose(stats.mean, one.mean, atol=1e-14, rtol=0)
+        assert torch.allclose(stats.std, one.std, atol=1e-14, rtol=0)
+        assert "Pixel statistics: 3x16x16 (D=768) from 40 images" in describe_file(out)
+        return
     two = load_basis(out)
     one = fit_basis(str(jpeg_mds), split="train", image_size=16, progress=False)
     assert two.num_images == one.num_images == 40

@@ -21,14 +21,16 @@ from magma_composer.pca.basis import (
     save_basis,
     save_pixel_stats,
 )
-from magma_composer.pca.fit import fit_basis, fit_pca
+from magma_composer.pca.fit import compute_pixel_stats, fit_basis, fit_pca, fit_pixel_stats
 
 __all__ = [
     "PCABasis",
     "PixelStats",
     "basis_sha256",
+    "compute_pixel_stats",
     "fit_basis",
     "fit_pca",
+    "fit_pixel_stats",
     "load_basis",
     "load_pixel_stats",
     "save_basis",

@@ -472,19 +472,22 @@ def save_pixel_stats(stats: PixelStats, path: str | os.PathLike, overwrite: bool
     return _write_payload(payload, path, overwrite, what="pixel statistics")
 
 
-_STATS_WHAT = "pixel statistics file (or PCA basis file)"
 _STATS_REDO = (
     "compute it again with python -m magma_composer.pca stats --data ... --split train --image-size ... --out ..."
 )
+_ANY_REDO = "make it again with python -m magma_composer.pca fit (a basis) or stats (pixel statistics)"
 
 
-def _read_stats_file(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    """The verified payload of a statistics or basis file; ``ValueError`` naming the file otherwise."""
+def _read_stats_file(path: str | os.PathLike, what: str, redo: str) -> tuple[dict[str, Any], Path]:
+    """The verified payload of a statistics or basis file; ``ValueError`` naming the file otherwise.
+
+    ``what`` names the expected kind of file and ``redo`` says how to make it, in messages.
+    """
     path = Path(os.fspath(path))
     if not path.is_file():
         found = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise ValueError(f"pixel statistics file {str(path)!r} {found}: {_STATS_REDO}")
-    payload = _read_payload(path, _STATS_WHAT, _STATS_REDO)
+        raise ValueError(f"{what[0].upper()}{what[1:]} {str(path)!r} {found}: {redo}")
+    payload = _read_payload(path, what, redo)
     if payload.get("format") not in (STATS_FORMAT, BASIS_FORMAT):
         raise ValueError(
             f"{str(path)!r} is neither a pixel statistics file nor a PCA basis file (format {payload.get('format')!r})"
@@ -526,7 +529,7 @@ def load_pixel_stats(path: str | os.PathLike) -> PixelStats:
     Raises:
         ValueError: naming the file, if it is missing, a directory, truncated, altered, or another kind of file.
     """
-    payload, path = _read_stats_file(path)
+    payload, path = _read_stats_file(path, "pixel statistics file (or PCA basis file)", _STATS_REDO)
     return _stats_from_payload(payload, path)[0]
 
 
@@ -536,7 +539,7 @@ def describe_file(path: str | os.PathLike) -> str:
     Raises:
         ValueError: naming the file, if it is missing, truncated, altered, or another kind of file.
     """
-    payload, path = _read_stats_file(path)
+    payload, path = _read_stats_file(path, "PCA basis or pixel statistics file", _ANY_REDO)
     if payload["format"] == BASIS_FORMAT:
         return _basis_from_payload(payload, path).summary()
     stats, num_images, sha256 = _stats_from_payload(payload, path)

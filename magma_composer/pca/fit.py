@@ -28,15 +28,24 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 from composer.utils import dist
 from tqdm.auto import tqdm
 
 from magma_composer.options import OptionError, check_choice, check_int
-from magma_composer.pca.basis import PCABasis, check_output_path, save_basis
+from magma_composer.pca.basis import PCABasis, PixelStats, check_output_path, save_basis, save_pixel_stats
 
-__all__ = ["EXACT_MAX_DIM", "METHODS", "fit_basis", "fit_pca", "resolve_device"]
+__all__ = [
+    "EXACT_MAX_DIM",
+    "METHODS",
+    "compute_pixel_stats",
+    "fit_basis",
+    "fit_pca",
+    "fit_pixel_stats",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,7 @@ METHODS = ("auto", "exact", "randomized")
 _CONSTANT_VAR = 1e-12
 
 Batches = Callable[[], Iterable[torch.Tensor]]
+T = TypeVar("T")
 
 
 def _passes(
@@ -62,6 +72,38 @@ def _passes(
         yield batch
         bar.update(batch.shape[0])
     bar.close()
+
+
+def _first_pass(
+    batches: Batches,
+    dim: int,
+    device: torch.device,
+    desc: str,
+    total: int | None,
+    progress: bool,
+    also: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass summing, in float64, the image count and the per-pixel values and squares, all-reduced over ranks.
+
+    ``also`` is called with every float32 batch, for work that shares the pass (the randomized fit's first
+    product); it all-reduces its own results.
+
+    Returns:
+        ``(n, s1, s2)``: the count, ``sum x`` and ``sum x^2`` (``D`` each).
+    """
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    s1 = torch.zeros(dim, dtype=torch.float64, device=device)
+    s2 = torch.zeros(dim, dtype=torch.float64, device=device)
+    for x in _passes(batches, dim, device, desc, total, progress):
+        n += x.shape[0]
+        x64 = x.double()
+        s1 += x64.sum(0)
+        s2 += (x64 * x64).sum(0)
+        if also is not None:
+            also(x)
+    for t in (n, s1, s2):
+        dist.all_reduce(t)
+    return n, s1, s2
 
 
 def _stats(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,23 +233,16 @@ def _fit_randomized(
     omega = torch.randn(dim, width, generator=gen, dtype=torch.float32).to(device)
 
     # pass 1: per-pixel sums and the raw second moments applied to omega
-    n = torch.zeros((), dtype=torch.float64, device=device)
-    s1 = torch.zeros(dim, dtype=torch.float64, device=device)
-    s2 = torch.zeros(dim, dtype=torch.float64, device=device)
     y = torch.zeros(dim, width, dtype=torch.float64, device=device)
-    for x in _passes(batches, dim, device, "PCA pass 1 (stats)", total, progress):
-        n += x.shape[0]
-        x64 = x.double()
-        s1 += x64.sum(0)
-        s2 += (x64 * x64).sum(0)
-        y.add_(x.T @ (x @ omega))  # float32 product, float64 sum
-    for t in (n, s1, s2, y):
-        dist.all_reduce(t)
+    n, s1, s2 = _first_pass(
+        batches, dim, device, "PCA pass 1 (stats)", total, progress, also=lambda x: y.add_(x.T @ (x @ omega))
+    )  # float32 product, float64 sum
+    dist.all_reduce(y)
     mean, var, std = _stats(n, s1, s2)
     count = float(n.item())
     # C_z (std * omega) = (E[x x^T] omega - mean (mean^T omega)) / std
     y.div_(count).sub_(torch.outer(mean, mean @ omega.double())).div_(std[:, None])
-    del omega
+    omega = None  # free it (the first pass's closure holds the same cell)
     q = _orthonormal(y)
 
     mean32, inv_std32 = mean.float(), (1.0 / std).float()
@@ -361,6 +396,86 @@ def _raise_together(error: BaseException | None) -> None:
             raise RuntimeError(f"rank {rank} failed: {report}")
 
 
+def _check_stream_options(
+    batch_size: int, max_images: int | None, num_workers: int, overwrite: bool, progress: bool
+) -> None:
+    """Checks the options that :func:`fit_basis` and :func:`compute_pixel_stats` share for reading the shards."""
+    check_int("batch_size", batch_size, 1)
+    if max_images is not None:
+        check_int("max_images", max_images, 2)
+    check_int("num_workers", num_workers, 0)
+    if not isinstance(overwrite, bool):
+        raise OptionError("overwrite", f"expected true or false, got {overwrite!r}")
+    if not isinstance(progress, bool):
+        raise OptionError("progress", f"expected true or false, got {progress!r}")
+
+
+def _open_images(
+    data: str,
+    image_size: int,
+    out: str | os.PathLike | None,
+    split: str | None,
+    batch_size: int,
+    max_images: int | None,
+    num_workers: int,
+    local: str | None,
+    device: torch.device,
+    overwrite: bool,
+) -> tuple[Batches, int, str | os.PathLike | None]:
+    """Checks ``out`` (rank 0) and the data set's index, then gives this rank's share of the images.
+
+    Returns:
+        ``(batches, count, out)``: a fresh loader over this rank's ``count`` images at each call, and ``out``
+        checked (a ``Path`` on rank 0).
+
+    Raises:
+        OptionError: ``out`` or ``data`` (``split``, ``local``) is unusable, on every rank.
+    """
+    from magma_composer.pca.source import ShardImages, open_shards, split_shards
+
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    if world > 1 and not dist.is_initialized():
+        raise RuntimeError(
+            f"WORLD_SIZE is {world} but torch.distributed is not initialised: call "
+            "composer.utils.dist.initialize_dist(device) first (python -m magma_composer.pca does)"
+        )
+    error = None
+    try:
+        if out is not None and rank == 0:  # only rank 0 writes
+            try:
+                out = check_output_path(out, overwrite)
+            except OSError as e:
+                raise OptionError("out", str(e)) from e
+        stream, shards = open_shards(data, split=split, local=local)
+    except Exception as e:  # whatever stops one rank here must stop them all
+        error = e
+    _raise_together(error)
+
+    share = split_shards([s.samples for s in shards], rank, world, max_images)
+    for i, _ in share:
+        stream.prepare_shard(shards[i])
+    images = ShardImages(shards, share, image_size)
+
+    def batches() -> Iterable[torch.Tensor]:
+        return torch.utils.data.DataLoader(
+            images, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        )
+
+    return batches, len(images), out
+
+
+def _write_on_rank_zero(write: Callable[[], T]) -> T | None:
+    """Runs ``write`` on rank 0 only; every rank raises if it failed. Returns its result on rank 0."""
+    error, result = None, None
+    if dist.get_global_rank() == 0:
+        try:
+            result = write()
+        except Exception as e:
+            error = e
+    _raise_together(error)
+    return result
+
+
 def fit_basis(
     data: str,
     image_size: int,
@@ -417,59 +532,114 @@ def fit_basis(
         ValueError: the images are unusable (see :func:`fit_pca`).
         OSError, RuntimeError: reading the shards or writing ``out`` failed (a failed write leaves nothing behind).
     """
-    from magma_composer.pca.source import ShardImages, open_shards, split_shards
-
     dim, method, oversample, device = _check_options(
         image_size, 3, components, method, oversample, power_iters, seed, device
     )
-    check_int("batch_size", batch_size, 1)
-    if max_images is not None:
-        check_int("max_images", max_images, 2)
-    check_int("num_workers", num_workers, 0)
-    if not isinstance(overwrite, bool):
-        raise OptionError("overwrite", f"expected true or false, got {overwrite!r}")
-    if not isinstance(progress, bool):
-        raise OptionError("progress", f"expected true or false, got {progress!r}")
-    rank, world = dist.get_global_rank(), dist.get_world_size()
-    if world > 1 and not dist.is_initialized():
-        raise RuntimeError(
-            f"WORLD_SIZE is {world} but torch.distributed is not initialised: call "
-            "composer.utils.dist.initialize_dist(device) first (python -m magma_composer.pca fit does)"
-        )
-
-    error = None
-    try:
-        if out is not None and rank == 0:  # only rank 0 writes
-            try:
-                out = check_output_path(out, overwrite)
-            except OSError as e:
-                raise OptionError("out", str(e)) from e
-        stream, shards = open_shards(data, split=split, local=local)
-    except Exception as e:  # whatever stops one rank here must stop them all
-        error = e
-    _raise_together(error)
-
-    share = split_shards([s.samples for s in shards], rank, world, max_images)
-    for i, _ in share:
-        stream.prepare_shard(shards[i])
-    images = ShardImages(shards, share, image_size)
-
-    def batches() -> Iterable[torch.Tensor]:
-        return torch.utils.data.DataLoader(
-            images, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
-        )
-
+    _check_stream_options(batch_size, max_images, num_workers, overwrite, progress)
+    batches, count, out = _open_images(
+        data, image_size, out, split, batch_size, max_images, num_workers, local, device, overwrite
+    )
     basis = _fit(
-        batches, image_size, 3, dim, components, method, oversample, power_iters, seed, device, len(images), progress
+        batches, image_size, 3, dim, components, method, oversample, power_iters, seed, device, count, progress
     )
     if out is None:
         return basis
-    error = None
-    if rank == 0:
-        try:
-            basis = save_basis(basis, out, overwrite=overwrite)
-            log.info("wrote %s: %s", out, basis.summary())
-        except Exception as e:
-            error = e
-    _raise_together(error)
-    return replace(basis, path=os.fspath(out))
+
+    def write() -> PCABasis:
+        saved = save_basis(basis, out, overwrite=overwrite)
+        log.info("wrote %s: %s", out, saved.summary())
+        return saved
+
+    return _write_on_rank_zero(write) or replace(basis, path=os.fspath(out))
+
+
+def _pixel_stats(
+    batches: Batches, image_size: int, channels: int, device: torch.device, total: int | None, progress: bool
+) -> tuple[PixelStats, int]:
+    """:func:`fit_pixel_stats` on checked options; also returns the number of images."""
+    n, s1, s2 = _first_pass(batches, channels * image_size**2, device, "pixel statistics", total, progress)
+    mean, _, std = _stats(n, s1, s2)
+    return PixelStats(mean.cpu(), std.cpu(), int(image_size), int(channels)), int(n.item())
+
+
+def fit_pixel_stats(
+    batches: Batches,
+    image_size: int,
+    channels: int = 3,
+    device: str | torch.device | None = None,
+    total: int | None = None,
+    progress: bool = True,
+) -> PixelStats:
+    """Per-pixel mean and std of images streamed by ``batches``: the first pass of the basis fit, alone.
+
+    The numbers are those a randomized basis fit of the same images stores (the same pass, bit for bit); the
+    exact fit sums the squares in another order (equal to about 1e-15).
+
+    Args:
+        batches (Callable[[], Iterable[torch.Tensor]]): see :func:`fit_pca` (called once).
+        image_size (int): image side ``S``, ``>= 1``.
+        channels (int): image channels ``C``, ``>= 1``.
+        device (str | torch.device, optional): where the sums run; default CUDA when available.
+        total (int, optional): images on this rank, for the progress bar.
+        progress (bool): show a progress bar (rank 0 only).
+
+    Returns:
+        PixelStats: float64 ``D`` mean and std (population; 1 for constant pixels), in C, H, W order.
+
+    Raises:
+        OptionError: an option is invalid.
+        ValueError: fewer than 2 images, or images of another size.
+    """
+    check_int("image_size", image_size, 1)
+    check_int("channels", channels, 1)
+    return _pixel_stats(batches, image_size, channels, resolve_device(device), total, progress)[0]
+
+
+def compute_pixel_stats(
+    data: str,
+    image_size: int,
+    out: str | os.PathLike | None = None,
+    split: str | None = None,
+    batch_size: int = 256,
+    max_images: int | None = None,
+    num_workers: int = 0,
+    local: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> PixelStats:
+    """Per-pixel mean and std of an MDS image data set and (on rank 0) writes them to ``out``.
+
+    The images, the ranks' shares, the checks and the errors are those of :func:`fit_basis` (the same code);
+    only the first pass runs. Read the file with :func:`~magma_composer.pca.load_pixel_stats`.
+
+    Args:
+        data (str): a local folder of MDS shards or a URI (``s3://bucket/prefix``).
+        image_size (int): image side in pixels.
+        out (str | PathLike, optional): the statistics file to write; nothing is written if ``None``.
+        split (str, optional): sub-folder of ``data`` (``'train'``).
+        batch_size (int): images per batch, ``>= 1``.
+        max_images (int, optional): use only the first ``max_images`` images (in shard order), ``>= 2``.
+        num_workers (int): data loader processes decoding JPEGs, per rank, ``>= 0``.
+        local (str, optional): cache folder for remote shards.
+        device (str | torch.device, optional): where the sums run.
+        progress (bool): progress bars.
+        overwrite (bool): replace an existing file at ``out``. Default: ``False``.
+
+    Returns:
+        PixelStats: the statistics.
+
+    Raises:
+        OptionError, ValueError, OSError, RuntimeError: as :func:`fit_basis`.
+    """
+    check_int("image_size", image_size, 1)
+    device = resolve_device(device)
+    _check_stream_options(batch_size, max_images, num_workers, overwrite, progress)
+    batches, count, out = _open_images(
+        data, image_size, out, split, batch_size, max_images, num_workers, local, device, overwrite
+    )
+    stats, num_images = _pixel_stats(batches, image_size, 3, device, count, progress)
+    if out is not None:
+        _write_on_rank_zero(lambda: save_pixel_stats(stats, out, overwrite=overwrite, num_images=num_images))
+        log.info("wrote %s: pixel statistics of %d images", out, num_images)
+    return stats
