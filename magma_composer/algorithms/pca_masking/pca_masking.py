@@ -1,8 +1,8 @@
 """PCA masking (PMAE): mask principal components of the image instead of patches (docs/algorithms.md §3).
 
-The functional forms come first (:func:`component_mask`, :func:`sample_component_mask`,
-:func:`mask_generator`, :func:`project_visible`, :func:`pmae_loss`), then the Composer algorithm
-:class:`PCAMasking`.
+The functional forms come first (:func:`component_mask`, :func:`ordered_component_mask`,
+:func:`sample_component_mask`, :func:`mask_generator`, :func:`project_visible`, :func:`pmae_loss`), then the
+Composer algorithm :class:`PCAMasking`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,19 @@ from magma_composer.pca.basis import PCABasis, load_basis
 from magma_composer.seeding import seeded_generator
 
 __all__ = [
+    "STRATEGIES",
     "PCAMasking",
     "component_mask",
     "mask_generator",
+    "ordered_component_mask",
     "pmae_loss",
     "project_visible",
     "sample_component_mask",
 ]
 
 RESIDUALS = ("drop", "keep")
+#: Which components are masked: a random order (the published PMAE), or a cut of the eigenvalue order.
+STRATEGIES = ("random", "top", "bottom")
 
 
 def component_mask(ratios: torch.Tensor, ratio: Union[float, torch.Tensor], permutation: torch.Tensor) -> torch.Tensor:
@@ -62,6 +66,37 @@ def component_mask(ratios: torch.Tensor, ratio: Union[float, torch.Tensor], perm
     position = torch.empty_like(permutation)  # position[perm[j]] = j
     position.scatter_(-1, permutation, torch.arange(k, device=permutation.device).expand_as(permutation))
     return position < t.unsqueeze(-1)
+
+
+def ordered_component_mask(ratios: torch.Tensor, ratio: float, strategy: str) -> torch.Tensor:
+    """The fixed mask of the strategies ``'top'`` and ``'bottom'`` (docs/algorithms.md §3); draws nothing at random.
+
+    The components are ordered by decreasing variance ratio (ties keep the basis's order) and cut by the rule of
+    :func:`component_mask` applied to that order: with ``c_j`` the sum of the ``j + 1`` largest ratios (0-based
+    ``j``), ``t = max(argmin_j |c_j - ratio|, 1)`` (the first ``j`` on a tie), so ``1 <= t <= K - 1``. The head
+    is the ``t`` largest components: the boundary component (the one whose inclusion brings the sum closest to
+    ``ratio``) is not in it, as in the random rule.
+
+    * ``'top'``: the head is masked; the low-variance tail (``K - t >= 1`` components) is the input.
+    * ``'bottom'``: the head is visible; the tail (``K - t >= 1`` components) is masked. ``ratio`` is then the
+      visible share of the variance, as in the original code (its ``tvb`` strategy, run with 0.8).
+
+    Both strategies cut at the same ``t``, so at the same ``ratio`` their masks are complements.
+
+    Args:
+        ratios (torch.Tensor): ``K >= 2`` variance ratios ``rho`` of the components.
+        ratio (float): the target share of the variance in the head, in (0, 1).
+        strategy (str): ``'top'`` or ``'bottom'``.
+
+    Returns:
+        torch.Tensor: bool ``K``, ``True`` for a masked component; at least one ``True`` and one ``False``.
+    """
+    check_choice("strategy", strategy, STRATEGIES[1:])
+    if ratios.dim() != 1 or ratios.shape[0] < 2:
+        raise ValueError(f"a mask needs at least 2 components (one masked, one visible), got {tuple(ratios.shape)}")
+    order = torch.sort(ratios, descending=True, stable=True).indices
+    head = component_mask(ratios, ratio, order)
+    return head if strategy == "top" else ~head
 
 
 def mask_generator(seed: int, *keys: int) -> torch.Generator:
@@ -181,7 +216,8 @@ class PCAMasking(Algorithm):
     """Masks principal components of the standardised image instead of patches (PMAE).
 
     Every training step draws a random order of the ``K`` components, masks those whose variance ratios add up to
-    about ``ratio``, gives the encoder the whole image rebuilt from the visible components (no patch is dropped),
+    about ``ratio`` (or, with ``strategy='top'`` / ``'bottom'``, masks a fixed cut of the eigenvalue order), gives
+    the encoder the whole image rebuilt from the visible components (no patch is dropped),
     and adds ``state.loss['pmae']``: the mean squared error of the decoder's full output image along the masked
     components. The model (a :class:`~magma_composer.models.ComposerMAE`) is switched to whole images, its pixel
     loss is switched off and its (unused) mask token is frozen. Other algorithms' loss terms (MAGMA, uniformity) are
@@ -195,10 +231,16 @@ class PCAMasking(Algorithm):
     Args:
         basis (str | PathLike | PCABasis): the basis file written by ``python -m magma_composer.pca fit`` (or a
             basis object); it must match the model's image size and channels.
-        ratio (float): the masked fraction of the variance, in (0, 1). Default ``0.2`` (the paper's).
+        ratio (float): in (0, 1), the share of the variance at the cut: masked for ``'random'`` and ``'top'``,
+            kept visible (the high-variance head) for ``'bottom'``. Default ``0.2`` (the paper's).
         ratio_range (Sequence[float], optional): ``(lo, hi)`` in (0, 1): draw the ratio from ``Uniform(lo, hi)``
-            for every mask instead ("random ratio"; the paper used ``(0.1, 0.9)``).
-        per_sample (bool): one mask per sample instead of one per batch (extension; same cost).
+            for every mask instead ("random ratio"; the paper used ``(0.1, 0.9)``). ``'random'`` only.
+        per_sample (bool): one mask per sample instead of one per batch (extension; same cost). ``'random'`` only.
+        strategy (str): which components are masked. ``'random'`` (default, the published PMAE): a uniformly
+            random order, cut at ``ratio``. ``'top'`` (ablation): the highest-variance components up to ``ratio``
+            are masked and the low-variance tail is the input. ``'bottom'`` (ablation): the highest-variance
+            components up to ``ratio`` stay visible and the tail is masked. See :func:`ordered_component_mask`;
+            both are fixed masks that draw no random number, so resumption is unchanged.
         residual (str): ``'drop'`` (default): the part of the image outside the ``K`` components is left out of
             the input; ``'keep'`` (extension): it stays visible.
         seed (int): masks are a pure function of ``(seed, batch, rank, microbatch)``.
@@ -219,8 +261,23 @@ class PCAMasking(Algorithm):
         per_sample: bool = False,
         residual: str = "drop",
         seed: int = 0,
+        strategy: str = "random",
     ) -> None:
         check_number("ratio", ratio, 0.0, 1.0, open_min=True, open_max=True)
+        check_choice("strategy", strategy, STRATEGIES)
+        if strategy != "random":  # a fixed cut: nothing is drawn, so the drawing options would be ignored
+            if ratio_range is not None:
+                raise OptionError(
+                    "ratio_range",
+                    f"draws the ratio at random, but strategy {strategy!r} masks a fixed cut of the eigenvalue order: "
+                    "give `ratio` instead, or use strategy 'random'",
+                )
+            if per_sample:
+                raise OptionError(
+                    "per_sample",
+                    f"draws one random mask per sample, but strategy {strategy!r} gives every sample the same fixed "
+                    "mask: leave per_sample false, or use strategy 'random'",
+                )
         if ratio_range is not None:
             if len(ratio_range) != 2 or not 0.0 < ratio_range[0] <= ratio_range[1] < 1.0:
                 raise OptionError("ratio_range", f"must be [lo, hi] with 0 < lo <= hi < 1, got {list(ratio_range)}")
@@ -235,10 +292,23 @@ class PCAMasking(Algorithm):
         self.per_sample = bool(per_sample)
         self.residual = residual
         self.seed = seed
+        self.strategy = strategy
         try:  # a missing or corrupted basis fails here, when the algorithm is made, not at the first step
             self.basis: PCABasis | None = load_basis(basis)
         except (OSError, ValueError) as exc:
             raise OptionError("basis", str(exc)) from exc
+        if self.basis.num_components < 2:
+            raise OptionError(
+                "basis",
+                f"{self.basis.path or 'the basis'} has {self.basis.num_components} component; masking needs at least 2 "
+                "(one masked, one visible): fit it with more --components",
+            )
+        # the fixed mask of 'top' / 'bottom', on the CPU like the random ones
+        self._fixed_mask = (
+            None
+            if strategy == "random"
+            else ordered_component_mask(self.basis.ratios.to(torch.float64), self.ratio, strategy)
+        )
         self._model: ComposerMAE | None = None
         self._device: _OnDevice | None = None
         self._checked = {"train": False, "eval": False}
@@ -251,7 +321,7 @@ class PCAMasking(Algorithm):
         source = self.basis_source.path if isinstance(self.basis_source, PCABasis) else os.fspath(self.basis_source)
         return (
             f"PCAMasking(basis={source!r}, ratio={self.ratio}, ratio_range={self.ratio_range}, "
-            f"per_sample={self.per_sample}, residual={self.residual!r}, seed={self.seed})"
+            f"per_sample={self.per_sample}, residual={self.residual!r}, seed={self.seed}, strategy={self.strategy!r})"
         )
 
     # ------------------------------------------------------------------ basis
@@ -356,15 +426,21 @@ class PCAMasking(Algorithm):
         model.use_input_transform(self)
         self._model = model
 
-    def _draw_mask(self, state: State, batch_size: int) -> torch.Tensor:
-        generator = mask_generator(self.seed, int(state.timestamp.batch), dist.get_global_rank(), self._microbatch)
+    def _mask(self, keys: tuple[int, ...], batch_size: int, ratio: float | None = None) -> torch.Tensor:
+        """The CPU mask for the generator keys ``keys``: drawn (``'random'``) or the fixed one (no draw at all)."""
+        if self._fixed_mask is not None:
+            return self._fixed_mask
         return sample_component_mask(
-            self.basis.ratios,
-            generator,
-            ratio=self.ratio,
-            ratio_range=self.ratio_range,
+            self._load().ratios,
+            mask_generator(self.seed, *keys),
+            ratio=self.ratio if ratio is None else ratio,
+            ratio_range=self.ratio_range if ratio is None else None,
             batch_size=batch_size if self.per_sample else None,
         )
+
+    def _draw_mask(self, state: State, batch_size: int) -> torch.Tensor:
+        keys = (int(state.timestamp.batch), dist.get_global_rank(), self._microbatch)
+        return self._mask(keys, batch_size)
 
     def _mask_batch(self, state: State) -> None:
         images = state.batch_get_item(0)
@@ -419,12 +495,8 @@ class PCAMasking(Algorithm):
         """
         mae = _find_mae(model)
         z = self.standardize(images).reshape(images.shape[0], -1)
-        masked = sample_component_mask(
-            self._load().ratios,
-            mask_generator(self.seed, 2**32 - 1),
-            ratio=self.ratio if self.ratio_range is None else sum(self.ratio_range) / 2,
-            batch_size=images.shape[0] if self.per_sample else None,
-        ).to(images.device)
+        ratio = self.ratio if self.ratio_range is None else sum(self.ratio_range) / 2
+        masked = self._mask((2**32 - 1,), images.shape[0], ratio=ratio).to(images.device)
         with torch.autocast(device_type=images.device.type, enabled=False):
             x_in, _ = project_visible(z, self._device.components, masked, self.residual)
         out = mae.net(x_in.reshape(images.shape), 0.0)
