@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from magma_composer.algorithms.pca_masking import (
 from magma_composer.data import StreamingImageDataset
 from magma_composer.models import ComposerMAE
 from magma_composer.options import OptionError
-from magma_composer.pca import PCABasis, fit_basis, fit_pca, load_basis
+from magma_composer.pca import fit_basis, fit_pca, load_basis, save_basis
 from tests.conftest import tiny_recipe
 
 SIZE, PATCH = 16, 4
@@ -128,8 +129,6 @@ def test_guards_and_complements_on_random_spectra():
 def small_basis(tmp_path_factory) -> Path:
     x = torch.rand(40, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     basis = fit_pca(lambda: x.split(20), SIZE, components=12, method="randomized", progress=False)
-    from magma_composer.pca import save_basis
-
     return Path(save_basis(basis, tmp_path_factory.mktemp("b") / "b.pt").path)
 
 
@@ -147,8 +146,9 @@ def test_strategy_options_are_checked(small_basis):
     assert "strategy='top'" in repr(PCAMasking(small_basis, strategy="top"))
     # a one-component basis cannot leave one component visible and mask another
     basis = load_basis(small_basis)
-    one = PCABasis(**{**basis.__dict__, "components": basis.components[:, :1], "eigenvalues": basis.eigenvalues[:1]})
-    one = PCABasis(**{**one.__dict__, "ratios": basis.ratios[:1], "sha256": ""})
+    one = replace(
+        basis, components=basis.components[:, :1], eigenvalues=basis.eigenvalues[:1], ratios=basis.ratios[:1]
+    ).with_hash()
     with pytest.raises(OptionError, match="has 1 component; masking needs at least 2") as e:
         PCAMasking(one)
     assert e.value.key == "basis"
