@@ -264,3 +264,54 @@ def test_pool_workers_do_not_inherit_the_parents_signal_handlers():
     assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # what a plain fork would inherit
     with multiprocessing.get_context("fork").Pool(1, convert._pool_worker_init) as pool:
         assert pool.apply(_sigterm_and_sigint_handlers) == (str(signal.SIG_DFL), str(signal.SIG_IGN))
+
+
+def _png(path, seed: int, size: int = 16) -> None:
+    """A smooth picture (a colour per seed and a ramp): JPEG keeps it within a few levels."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 60, size)[None, :, None]
+    pixels = np.clip(rng.integers(40, 190, size=3)[None, None, :] + ramp, 0, 255).repeat(size, 0).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def test_unlabelled_folder(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    for k in range(3):
+        _png(flat / f"img_{k}.png", seed=k)
+    argv = ["--src", str(flat), "--out", str(tmp_path / "a"), "--no-progress"]
+
+    # a folder of images without sub-folders says what it found and how to use it
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "outside any class folder: img_0.png, img_1.png, img_2.png" in err
+    assert "no sub-folders at all: to use these 3 images without labels" in err and "--unlabelled" in err
+
+    assert main(argv + ["--unlabelled"]) == 0
+    assert "wrote 3 images in no classes (unlabelled: no 'y' column" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["labelled"] is False and manifest["classes"] == [] and manifest["samples"] == 3
+    assert manifest["columns"] == {"x": "bytes", "i": "int"} and manifest["options"]["unlabelled"] is True
+    samples = _samples(tmp_path / "a")
+    assert sorted(samples) == [0, 1, 2] and all("y" not in s for s in samples.values())
+    for k, sample in samples.items():  # re-encoded as JPEG: close to the source's pixels, in the listing's order
+        got = np.asarray(Image.open(io.BytesIO(sample["x"])), dtype=np.float64)
+        expected = np.asarray(Image.open(flat / f"img_{k}.png"), dtype=np.float64)
+        assert got.shape == expected.shape and np.abs(got - expected).mean() < 4
+        others = [np.abs(got - np.asarray(Image.open(flat / f"img_{j}.png"))).mean() for j in range(3) if j != k]
+        assert np.abs(got - expected).mean() < min(others)
+    images = StreamingImageDataset(remote=str(tmp_path / "a"), image_size=8, train=False, batch_size=2)
+    assert not images.has_labels and images[2][1] == -1
+
+    # sub-folders too, when asked: their names are not used as classes
+    nested = tmp_path / "nested"
+    _png(nested / "top.png", seed=5)
+    _png(nested / "b" / "c" / "deep.png", seed=6)
+    _png(nested / "a" / "x.png", seed=7)
+    listing = list_image_folder(nested, unlabelled=True)
+    assert listing.files == [("top.png", -1), ("a/x.png", -1), ("b/c/deep.png", -1)] and not listing.labelled
+    with pytest.raises(ConversionError, match="has no effect with --unlabelled"):
+        convert_image_folder(nested, tmp_path / "b", unlabelled=True, allow_empty_classes=True, progress=False)
+    assert convert_image_folder(nested, tmp_path / "b", unlabelled=True, progress=False)["samples"] == 3

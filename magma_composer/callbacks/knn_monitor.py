@@ -16,7 +16,40 @@ from magma_composer.callbacks.online_probe import fork_rng
 from magma_composer.evaluation import extract_features, knn_top1, linear_probe_top1
 from magma_composer.options import OptionError, check_choice, check_int, check_number
 
-__all__ = ["KNNMonitor"]
+__all__ = ["KNNMonitor", "describe_data", "require_labels"]
+
+
+def describe_data(loader: Any) -> str:
+    """Where a loader's images come from, for messages: ``'data/stl10 (split unlabeled)'``."""
+    dataset = getattr(loader, "dataset", loader)
+    streams = getattr(dataset, "streams", None) or []
+    if not streams:
+        return f"a {type(dataset).__name__}"
+    stream = streams[0]
+    where = getattr(stream, "remote", None) or getattr(stream, "local", None) or "?"
+    split = getattr(stream, "split", None)
+    return f"{where} (split {split})" if split else str(where)
+
+
+def require_labels(loader: Any, who: str, role: str, remedy: str) -> None:
+    """Refuses a loader over a data set without labels (``has_labels`` false: shards without a ``y`` column).
+
+    Args:
+        loader: a loader whose ``dataset`` may tell ``has_labels`` (others pass).
+        who: the callback, for the message.
+        role: what the loader is for (``'the memory bank (train_data)'``).
+        remedy: the options to change, in words.
+
+    Raises:
+        ValueError: naming the data set and the remedy.
+    """
+    if getattr(getattr(loader, "dataset", None), "has_labels", True):
+        return
+    raise ValueError(
+        f"{who} needs labelled images, but {role}, {describe_data(loader)}, has no labels (its shards have no 'y' "
+        f"column: an unlabelled split such as STL-10's 'unlabeled', or a folder converted with --unlabelled); "
+        f"{remedy}"
+    )
 
 
 def encode_fn(model: torch.nn.Module, pool: str = "cls", who: str = "KNNMonitor"):
@@ -43,6 +76,9 @@ class KNNMonitor(Callback):
     gathered. Logged as ``knn/top1@k``; with ``linear_probe``, the fast linear probe
     (:func:`magma_composer.evaluate.linear.fit_linear_probe`, default options) on the same features is logged
     as ``linear_probe/top1``. Measuring consumes no random numbers of the run (``torch.random.fork_rng``).
+
+    Both loaders need labelled data sets: one without labels (``has_labels`` false) is refused at construction, with
+    a message naming the data set and the recipe option to change.
 
     Args:
         train_loader: ``(images, labels)`` batches with the evaluation transform (the memory bank).
@@ -74,6 +110,19 @@ class KNNMonitor(Callback):
         linear_probe: bool = False,
         pool: str = "cls",
     ) -> None:
+        # at construction: a recipe fails before training starts, not at the first measurement
+        require_labels(
+            train_loader,
+            "callbacks.knn_monitor",
+            "its memory bank (the recipe's train_data)",
+            "set train_data.split to a labelled split (e.g. train), or remove knn_monitor from callbacks",
+        )
+        require_labels(
+            test_loader,
+            "callbacks.knn_monitor",
+            "its queries (the recipe's eval_data)",
+            "set eval_data.split to a labelled split (e.g. test), or remove knn_monitor from callbacks",
+        )
         self.train_loader = train_loader
         self.test_loader = test_loader
         self.ks = [k] if isinstance(k, int) else list(k)

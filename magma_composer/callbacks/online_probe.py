@@ -77,6 +77,10 @@ class OnlineLinearProbe(Callback):
     ``online_probe/test_top1`` every ``interval`` and at the end of training. The head and its optimizer are saved
     in checkpoints, so a resumed run continues the same head.
 
+    The training data and ``test_loader`` must be labelled: a data set without labels (``has_labels`` false) is
+    refused when the Trainer is built (the training data) or at construction (``test_loader``), naming the data set
+    and the recipe option to change.
+
     Args:
         num_classes: the number of classes; every label must be in ``[0, num_classes)``.
         lr: Adam's learning rate for the head.
@@ -100,6 +104,14 @@ class OnlineLinearProbe(Callback):
         test_loader: Any = None,
         max_test_samples: int | None = None,
     ) -> None:
+        from magma_composer.callbacks.knn_monitor import require_labels
+
+        require_labels(
+            test_loader,
+            "callbacks.online_probe",
+            "its test data (the recipe's eval_data)",
+            "set eval_data.split to a labelled split (e.g. test), or remove online_probe from callbacks",
+        )
         self.num_classes = check_int("num_classes", num_classes, 2)
         self.lr = check_number("lr", lr, 0.0, open_min=True)
         self.weight_decay = check_number("weight_decay", weight_decay, 0.0)
@@ -150,6 +162,24 @@ class OnlineLinearProbe(Callback):
             model.train(was_training)
 
     # ------------------------------------------------------------------ events
+    def _check_training_data(self, state: State) -> None:
+        from magma_composer.callbacks.knn_monitor import require_labels
+
+        require_labels(
+            state.train_dataloader,
+            "callbacks.online_probe",
+            "the training data (the recipe's train_data)",
+            "set train_data.split to a labelled split (e.g. train), or remove online_probe from callbacks "
+            "(pre-training on unlabelled images works without it)",
+        )
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        # AFTER_LOAD runs inside the Trainer's constructor, once the training data is set: a recipe fails at start
+        self._check_training_data(state)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._check_training_data(state)  # a loader given to fit() rather than to the Trainer
+
     def epoch_start(self, state: State, logger: Logger) -> None:
         self._correct = self._seen = 0
 

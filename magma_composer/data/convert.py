@@ -15,16 +15,26 @@ regular file) are not converted and are counted in the manifest (``ignored_files
 
 * An image file at the top of ``SRC`` (outside any class folder) has no class: it stops the conversion with an
   error naming it; with ``--skip-bad`` it is left out and listed in the manifest (``outside_classes``).
+* Unlabelled images (self-supervised pre-training): ``--unlabelled`` takes every image file under ``SRC``, at
+  its top and in any sub-folder, in the same order, without a class: the shards then have no ``y`` column
+  (``StreamingImageDataset`` yields label ``-1`` and ``has_labels`` is false, so label-needing callbacks and
+  evaluation protocols refuse the data set with a message). A folder that holds images but no sub-folder is
+  refused without ``--unlabelled``, with a message that says what was found.
 * Symbolic links are followed only while they stay inside ``SRC``. A link that points outside ``SRC``, a link
   that points to nothing, and a link to one of its own ancestor folders (a loop) stop the conversion with an
   error naming each link and its target, before anything is written: pass the real folder as ``--src``, or
   copy the files in.
 
-Output: MDS shards with the columns ``x`` (``bytes``: JPEG), ``y`` (``int``: class index) and ``i`` (``int``:
-the file's position in the sorted listing of all image files, a stable sample id; readers that only know
-``x`` and ``y`` ignore it), a top-level ``index.json``, and ``manifest.json`` (classes, images per class, the
-source, the options, the skipped files). Every shard carries ``sha1`` and ``xxh64`` hashes, so readers can
-pass ``validate_hash='xxh64'``.
+Output: MDS shards with the columns ``x`` (``bytes``: JPEG), ``y`` (``int``: class index; absent with
+``--unlabelled``) and ``i`` (``int``: the file's position in the sorted listing of all image files, a stable sample
+id; readers that only know ``x`` and ``y`` ignore it), a top-level ``index.json``, and ``manifest.json`` (classes,
+images per class, whether the data set is labelled, the source, the options, the skipped files). Every shard
+carries ``sha1`` and ``xxh64`` hashes, so readers can pass ``validate_hash='xxh64'``.
+
+Other sources: :func:`write_listing` writes any :class:`SourceListing` the same way (chunks, resumption, remote
+output, manifest), including one whose images are pixel arrays rather than files (``SourceListing.images``,
+stored as PNG or JPEG); ``python -m magma_composer.data.prepare`` uses it for data sets distributed as pickles,
+binaries and ``.npz`` files.
 
 Images:
 
@@ -105,6 +115,7 @@ from magma_composer.data.storage import (
 )
 
 __all__ = [
+    "ARRAY_FORMATS",
     "COLUMNS",
     "DEFAULT_HASHES",
     "IMAGE_EXTENSIONS",
@@ -112,15 +123,19 @@ __all__ = [
     "ConversionError",
     "SourceListing",
     "convert_image_folder",
+    "encode_array",
     "encode_image",
     "list_image_folder",
     "main",
+    "write_listing",
 ]
 
 #: File extensions taken as images (compared in lower case), as torchvision's ``ImageFolder`` does.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-#: MDS columns written by the converter.
+#: MDS columns written by the converter (``y`` only for labelled images).
 COLUMNS = {"x": "bytes", "y": "int", "i": "int"}
+#: How images held as pixel arrays (``SourceListing.images``) are stored: PNG (lossless) or JPEG.
+ARRAY_FORMATS = ("png", "jpeg")
 #: Shard hashes written by default (sorted, as ``MDSWriter`` requires).
 DEFAULT_HASHES = ("sha1", "xxh64")
 
@@ -146,16 +161,22 @@ class BadImageError(RuntimeError):
 
 @dataclass
 class SourceListing:
-    """The images of an ImageFolder tree, in conversion order.
+    """The images of a source, in conversion order: an ImageFolder tree, or pixel arrays read from data files.
 
     Attributes:
-        root: the source folder.
-        classes: class names (sorted folder names); a class's index is its position here.
-        files: ``(path relative to root, class index)`` per image, in order; a file's position is its ``i``.
-        stats: ``(size in bytes, modification time in ns)`` per image, in the order of ``files``.
+        root: the source folder (for ``images``: the data file they come from).
+        classes: class names (sorted folder names); a class's index is its position here. Empty when unlabelled.
+        files: ``(path relative to root, class index)`` per image, in order; a file's position is its ``i``. The
+            class index is ``-1`` when unlabelled. For ``images``, the path is a name for messages
+            (``'train[17]'``).
+        stats: ``(size in bytes, modification time in ns)`` per image, in the order of ``files`` (for ``images``:
+            those of the data file): what a chunk's resumption fingerprint checks.
         ignored: number of files not taken as images (other extensions, not regular files).
         empty_classes: class folders without any image file.
         outside_classes: image files at the top of ``root``, outside any class folder (left out).
+        labelled: ``False``: the images have no class, the shards get no ``y`` column.
+        images: ``None`` for image files; else ``images[k]`` is the ``H x W x 3`` (or ``H x W``) uint8 array of the
+            ``k``-th image (a NumPy array or memory map: read one image at a time).
     """
 
     root: Path
@@ -165,6 +186,8 @@ class SourceListing:
     ignored: int = 0
     empty_classes: list[str] = field(default_factory=list)
     outside_classes: list[str] = field(default_factory=list)
+    labelled: bool = True
+    images: Any = None
 
 
 def _plain(text: str) -> str:
@@ -251,6 +274,8 @@ def list_image_folder(
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     allow_empty_classes: bool = False,
     skip_outside: bool = False,
+    classes: Sequence[str] | None = None,
+    unlabelled: bool = False,
 ) -> SourceListing:
     """Lists the images of ``src/<class>/...`` in torchvision's order (see the module docstring).
 
@@ -260,21 +285,29 @@ def list_image_folder(
         allow_empty_classes: keep class folders without images (as classes with zero images) instead of failing.
         skip_outside: leave image files at the top of ``src`` out (listed in ``outside_classes``) instead of
             failing.
+        classes: only these class folders, in this order (a class's index is its position here); other
+            sub-folders are not listed. Default: every sub-folder, sorted.
+        unlabelled: list every image under ``src`` (its top first, then each sub-folder in sorted order) without a
+            class: ``classes`` is empty, every label ``-1`` and ``labelled`` false.
 
     Raises:
-        ConversionError: ``src`` is not a folder or cannot be listed, has no class folders, holds symbolic links
-            out of itself, dangling or looping, holds images outside class folders (without ``skip_outside``),
-            or (without ``allow_empty_classes``) a class folder holds no image file.
+        ConversionError: ``src`` is not a folder or cannot be listed, has no class folders, lacks one of
+            ``classes``, holds symbolic links out of itself, dangling or looping, holds images outside class
+            folders (without ``skip_outside``), or (without ``allow_empty_classes``) a class folder holds no image
+            file.
     """
     root = Path(src)
     if not root.is_dir():
         raise ConversionError(f"--src {os.fspath(src)} is not a folder (expected SRC/<class>/<image> files)")
+    if unlabelled and classes is not None:
+        raise ConversionError("classes and unlabelled exclude each other: unlabelled images have no classes")
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     root_real = os.path.realpath(root)
     info = os.stat(root)
     top_chain = ((info.st_dev, info.st_ino),)
     problems: list[str] = []
-    classes, outside, ignored = [], [], 0
+    folders, outside, ignored = [], [], 0
+    outside_stats = {}
     for entry in _scandir(str(root)):
         if entry.name.startswith("."):
             continue
@@ -282,13 +315,25 @@ def list_image_folder(
         if info is None:
             continue
         if stat.S_ISDIR(info.st_mode):
-            classes.append(entry.name)
+            folders.append(entry.name)
         elif stat.S_ISREG(info.st_mode) and entry.name.lower().endswith(extensions):
             outside.append(entry.name)
+            outside_stats[entry.name] = (info.st_size, info.st_mtime_ns)
         else:
             ignored += 1
-    classes.sort()
+    folders.sort()
     outside.sort()
+    if unlabelled:
+        return _list_unlabelled(root, folders, outside, outside_stats, ignored, root_real, top_chain, extensions)
+    if classes is None:
+        classes = folders
+    else:
+        classes = list(classes)
+        missing = sorted(set(classes) - set(folders))
+        if missing:
+            raise ConversionError(
+                f"--src {root} lacks {len(missing)} of the {len(classes)} class folders it must hold: {_shown(missing)}"
+            )
     files: list[tuple[str, int]] = []
     stats: list[tuple[int, int]] = []
     empty = []
@@ -300,22 +345,28 @@ def list_image_folder(
             stats.append((info.st_size, info.st_mtime_ns))
         if not found:
             empty.append(name)
-    if problems:
-        raise ConversionError(
-            f"--src {root} holds symbolic links the converter does not follow (it stays inside --src and "
-            f"does not loop): {_shown(problems)}; pass the real folder as --src, copy the files in, or remove "
-            f"the links"
-        )
+    _refuse_links(root, problems)
     if outside and not skip_outside:
+        hint = (
+            f"; --src has no sub-folders at all: to use these {len(outside)} images without labels "
+            f"(self-supervised pre-training), pass --unlabelled (unlabelled=True)"
+            if not folders
+            else ""
+        )
         raise ConversionError(
             f"image file(s) at the top of --src {root}, outside any class folder: {_shown(outside)}; images "
             f"must sit in SRC/<class>/ (move them into their class folder, or pass --skip-bad (skip_bad=True) "
-            f"to leave them out, listed in the manifest)"
+            f"to leave them out, listed in the manifest){hint}"
         )
     if not classes:
         raise ConversionError(
             f"--src {root} has no class folders: expected one sub-folder per class holding its images "
             f"(ImageNet's layout, SRC/<class>/<image>)"
+            + (
+                f"; to use its {len(outside)} images without labels, pass --unlabelled (unlabelled=True)"
+                if outside
+                else ""
+            )
         )
     if empty and not allow_empty_classes:
         raise ConversionError(
@@ -326,6 +377,41 @@ def list_image_folder(
     if not files:
         raise ConversionError(f"--src {root} holds no image files ({', '.join(extensions)})")
     return SourceListing(root, classes, files, stats, ignored, empty, outside)
+
+
+def _refuse_links(root: Path, problems: list[str]) -> None:
+    if problems:
+        raise ConversionError(
+            f"--src {root} holds symbolic links the converter does not follow (it stays inside --src and "
+            f"does not loop): {_shown(problems)}; pass the real folder as --src, copy the files in, or remove "
+            f"the links"
+        )
+
+
+def _list_unlabelled(
+    root: Path,
+    folders: list[str],
+    outside: list[str],
+    outside_stats: dict[str, tuple[int, int]],
+    ignored: int,
+    root_real: str,
+    top_chain: tuple,
+    extensions: tuple[str, ...],
+) -> SourceListing:
+    """Every image under ``root`` without a class: the top's files first, then each sub-folder's (sorted)."""
+    problems: list[str] = []
+    files = [(name, -1) for name in outside]
+    stats = [outside_stats[name] for name in outside]
+    for name in folders:
+        found, skipped = _walk_class(str(root / name), root_real, top_chain, extensions, problems)
+        ignored += skipped
+        for path, info in found:
+            files.append((os.path.relpath(path, root), -1))
+            stats.append((info.st_size, info.st_mtime_ns))
+    _refuse_links(root, problems)
+    if not files:
+        raise ConversionError(f"--src {root} holds no image files ({', '.join(extensions)}), at its top or below")
+    return SourceListing(root, [], files, stats, ignored, labelled=False)
 
 
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -397,6 +483,42 @@ def _encode_job(job: tuple[str, int | None, int]) -> tuple[bytes | None, bool, s
     except BadImageError as error:
         return None, False, str(error)
     return data, reencoded, None
+
+
+def encode_array(pixels: Any, image_format: str = "png", resize: int | None = None, quality: int = 90) -> bytes:
+    """Encodes one ``H x W x 3`` (RGB) or ``H x W`` (grey) uint8 array as PNG or JPEG bytes for the ``x`` column.
+
+    PNG keeps every pixel exactly; JPEG at ``quality`` is smaller. ``resize`` scales the shorter side first
+    (bicubic), as for image files.
+
+    Raises:
+        ValueError: not a uint8 array of that shape, or an unknown ``image_format``.
+    """
+    import numpy as np
+
+    if image_format not in ARRAY_FORMATS:
+        raise ValueError(f"image format {image_format!r} is not one of {', '.join(ARRAY_FORMATS)}")
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        raise ValueError(f"expected an H x W x 3 or H x W uint8 array, got {pixels.dtype} {tuple(pixels.shape)}")
+    image = Image.fromarray(pixels)  # uint8 H x W x 3: RGB; H x W: L
+    if resize is not None:
+        image = _resize_shorter_side(image, resize)
+    out = io.BytesIO()
+    if image_format == "png":
+        image.save(out, format="PNG")
+    else:
+        image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _encode_array_job(job: tuple[Any, str, str, int | None, int]) -> tuple[bytes | None, bool, str | None]:
+    """Pool task for a pixel array: ``(bytes, True, None)`` or ``(None, False, error message)``."""
+    pixels, name, image_format, resize, quality = job
+    try:
+        return encode_array(pixels, image_format, resize, quality), True, None
+    except ValueError as error:
+        return None, False, f"cannot encode image {name}: {error}"
 
 
 def _chunk_name(k: int) -> str:
@@ -556,20 +678,26 @@ def _write_chunk(
     files: Sequence[tuple[str, int]],
     start: int,
     encode: Callable[[Iterable], Iterator],
-    n_classes: int,
+    n_classes: int | None,
     writer_kwargs: dict,
     skip_bad: bool,
     pbar: tqdm,
 ) -> dict:
-    """Writes one chunk folder with its own ``MDSWriter``; returns the chunk's marker (without fingerprint)."""
+    """Writes one chunk folder with its own ``MDSWriter``; returns the chunk's marker (without fingerprint).
+
+    ``n_classes`` is ``None`` for unlabelled images: no ``y`` column.
+    """
     from streaming import MDSWriter
 
     if folder.exists():
         shutil.rmtree(folder)
-    counts = [0] * n_classes
+    labelled = n_classes is not None
+    counts = [0] * (n_classes or 0)
+    samples = 0
     skipped, reencoded = [], 0
+    columns = COLUMNS if labelled else {k: v for k, v in COLUMNS.items() if k != "y"}
     try:
-        writer = MDSWriter(out=str(folder), columns=COLUMNS, **writer_kwargs)
+        writer = MDSWriter(out=str(folder), columns=columns, **writer_kwargs)
         for offset, ((rel, label), (data, was_reencoded, error)) in enumerate(zip(files, encode(jobs))):
             pbar.update(1)
             if error is not None:
@@ -578,15 +706,19 @@ def _write_chunk(
                 skipped.append({"path": rel, "error": error})
                 tqdm.write(f"skipped unreadable image: {error}", file=sys.stderr)
                 continue
-            writer.write({"x": data, "y": label, "i": start + offset})
-            counts[label] += 1
+            if labelled:
+                writer.write({"x": data, "y": label, "i": start + offset})
+                counts[label] += 1
+            else:
+                writer.write({"x": data, "i": start + offset})
+            samples += 1
             reencoded += int(was_reencoded)
         writer.finish()
         index = json.loads((folder / INDEX_NAME).read_text())
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return {"samples": sum(counts), "class_counts": counts, "reencoded": reencoded, "skipped": skipped, "index": index}
+    return {"samples": samples, "class_counts": counts, "reencoded": reencoded, "skipped": skipped, "index": index}
 
 
 def _upload_chunk(folder: Path, remote: str, marker: bytes, keep_staging: bool, replace: bool, client: Any) -> None:
@@ -635,6 +767,7 @@ def convert_image_folder(
     chunk_files: int = 10000,
     skip_bad: bool = False,
     allow_empty_classes: bool = False,
+    unlabelled: bool = False,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     staging: Union[str, os.PathLike] | None = None,
     keep_staging: bool = False,
@@ -659,6 +792,7 @@ def convert_image_folder(
         skip_bad: skip unreadable images and images outside class folders (listed in the manifest) instead of
             failing.
         allow_empty_classes: keep class folders without images as classes with zero images.
+        unlabelled: take every image under ``src`` without a class (no ``y`` column), sub-folders or not.
         extensions: file extensions taken as images.
         staging: local folder for chunks on their way to a remote ``out`` (default: a temporary folder).
         keep_staging: keep staged chunks after their upload.
@@ -683,7 +817,100 @@ def convert_image_folder(
     if not os.path.isdir(src):
         what = "is a file" if os.path.exists(src) else "does not exist"
         raise ConversionError(f"--src {src} {what}; give a folder (expected SRC/<class>/<image> files)")
-    src_real = os.path.realpath(src)
+    if unlabelled and allow_empty_classes:
+        raise ConversionError(
+            "--allow-empty-classes has no effect with --unlabelled (unlabelled images have no classes)"
+        )
+    source_options: dict[str, Any] = {"extensions": sorted(extensions)}
+    if unlabelled:  # only when set: the records of earlier conversions (without the key) stay valid for resuming
+        source_options["unlabelled"] = True
+    return write_listing(
+        lambda: list_image_folder(src, extensions, allow_empty_classes, skip_outside=skip_bad, unlabelled=unlabelled),
+        out,
+        source=os.path.realpath(src),
+        source_options=source_options,
+        manifest_options={"allow_empty_classes": allow_empty_classes},
+        workers=workers,
+        resize=resize,
+        quality=quality,
+        shard_size=shard_size,
+        compression=compression,
+        hashes=hashes,
+        chunk_files=chunk_files,
+        skip_bad=skip_bad,
+        staging=staging,
+        keep_staging=keep_staging,
+        timeout=timeout,
+        progress=progress,
+    )
+
+
+def write_listing(
+    listing: Union[SourceListing, Callable[[], SourceListing]],
+    out: Union[str, os.PathLike],
+    *,
+    source: str,
+    source_options: dict[str, Any] | None = None,
+    manifest_options: dict[str, Any] | None = None,
+    workers: int = 1,
+    resize: int | None = None,
+    quality: int = 90,
+    image_format: str | None = None,
+    shard_size: Union[int, str] = "64mb",
+    compression: str | None = None,
+    hashes: Sequence[str] = DEFAULT_HASHES,
+    chunk_files: int = 10000,
+    skip_bad: bool = False,
+    staging: Union[str, os.PathLike] | None = None,
+    keep_staging: bool = False,
+    timeout: float = 60.0,
+    progress: bool = True,
+    desc: str = "convert",
+) -> dict[str, Any]:
+    """Writes the images of a :class:`SourceListing` to MDS shards in ``out``, as the converter does.
+
+    Chunks, resumption, the checks of ``out`` and remote output work as described in the module docstring. The
+    options are checked and ``out`` is claimed before ``listing`` is called (listing a large source takes
+    minutes).
+
+    Args:
+        listing: the images, or a function that lists them.
+        out: the output folder or ``s3://`` prefix.
+        source: the source's real path, recorded in ``conversion.json`` and the manifest: an ``out`` that holds a
+            conversion of another source is refused.
+        source_options: options the images depend on besides the ones below (recorded: a rerun with other values
+            is refused rather than mixed in).
+        manifest_options: further options recorded in the manifest only.
+        workers: processes that decode and encode images (``1``: in this process).
+        resize: scale images so the shorter side is this many pixels.
+        quality: JPEG quality of (re-)encoded images, 1 to 95.
+        image_format: how pixel arrays (``listing.images``) are stored: ``'png'`` or ``'jpeg'``; required for them,
+            refused for image files.
+        shard_size: the shard size limit, in bytes or as text (``'64mb'``).
+        compression: shard compression (``'zstd'``, ...).
+        hashes: hash algorithms written for every shard.
+        chunk_files: images per resumable chunk.
+        skip_bad: skip unreadable images (listed in the manifest) instead of failing.
+        staging: local folder for chunks on their way to a remote ``out`` (default: a temporary folder).
+        keep_staging: keep staged chunks after their upload.
+        timeout: seconds each S3 request may wait to connect, and again for an answer (3 attempts).
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        The manifest, also written to ``out/manifest.json``.
+
+    Raises:
+        ConversionError: bad options or source, or an ``out`` (or ``staging``) that holds something else or
+            cannot be written.
+        BadImageError: an unreadable image (without ``skip_bad``).
+        RemoteDataError: the remote store cannot be reached, does not answer within ``timeout``, or refuses.
+        OSError: a local write fails after the checks (a full disk).
+    """
+    out = os.fspath(out)
+    src_real = os.fspath(source)
+    if image_format is not None and image_format not in ARRAY_FORMATS:
+        raise ConversionError(f"--format {image_format!r} is not valid; choose {' or '.join(ARRAY_FORMATS)}")
     _positive_int(workers, "--workers")
     _positive_int(chunk_files, "--chunk-files")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
@@ -707,7 +934,8 @@ def convert_image_folder(
         "compression": compression,
         "hashes": hashes,
         "chunk_files": chunk_files,
-        "extensions": sorted(extensions),
+        **({} if image_format is None else {"image_format": image_format}),
+        **(source_options or {}),
     }  # what the shards depend on: a conversion with other options is not mixed in
     record = {"format": _FORMAT, "source": src_real, "options": options}
     out = out.rstrip("/") if remote else out  # s3://b/x/ and s3://b/x are one place
@@ -720,11 +948,17 @@ def convert_image_folder(
         names = _check_claim(where, place_record, flag, place_client)
         if not is_remote(where):
             _check_writable(where, flag)
-    listing = list_image_folder(src, extensions, allow_empty_classes, skip_outside=skip_bad)
+    listing = listing() if callable(listing) else listing
+    if (listing.images is None) != (image_format is None):
+        raise ConversionError(
+            "image_format is for pixel arrays only"
+            if listing.images is None
+            else "image_format (png or jpeg) is required for a listing of pixel arrays"
+        )
     for where, place_record, _, place_client in places:
         write_bytes(join_url(where, RECORD_NAME), json.dumps(place_record, indent=2).encode(), client=place_client)
     for name in listing.outside_classes:
-        tqdm.write(f"skipped image outside any class folder: {os.path.join(src, name)}", file=sys.stderr)
+        tqdm.write(f"skipped image outside any class folder: {listing.root / name}", file=sys.stderr)
     writer_kwargs = {"compression": compression, "hashes": hashes, "size_limit": size_limit}
     starts = list(range(0, len(listing.files), chunk_files))
     published = [n for n in (INDEX_NAME, MANIFEST_NAME) if n in names]
@@ -752,12 +986,24 @@ def convert_image_folder(
     uploads: list[concurrent.futures.Future] = []
     uploader = concurrent.futures.ThreadPoolExecutor(max_workers=1) if remote else None
 
+    job_fn = _encode_job if listing.images is None else _encode_array_job
+
     def encode(jobs: Iterable) -> Iterator:
-        return pool.imap(_encode_job, jobs, chunksize=8) if pool is not None else map(_encode_job, jobs)
+        return pool.imap(job_fn, jobs, chunksize=8) if pool is not None else map(job_fn, jobs)
+
+    def chunk_jobs(start: int, files: Sequence[tuple[str, int]]) -> Iterable:
+        if listing.images is None:
+            return [(str(listing.root / rel), resize, quality) for rel, _ in files]
+        # lazily, one image at a time: the pool's task queue feeds from a generator, so a chunk of a memory-mapped
+        # file is never read into memory at once
+        import numpy as np
+
+        images = listing.images
+        return ((np.asarray(images[start + j]), rel, image_format, resize, quality) for j, (rel, _) in enumerate(files))
 
     markers: list[dict] = []
     interrupted = failed = False
-    pbar = tqdm(total=len(listing.files), unit="img", desc="convert", disable=not progress, dynamic_ncols=True)
+    pbar = tqdm(total=len(listing.files), unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         for k, start in enumerate(starts):
             files = listing.files[start : start + chunk_files]
@@ -780,8 +1026,8 @@ def convert_image_folder(
                 marker = local_marker  # staged by an earlier run, never uploaded
                 pbar.update(len(files))
             else:
-                jobs = [(str(listing.root / rel), resize, quality) for rel, _ in files]
-                n_classes = len(listing.classes)
+                jobs = chunk_jobs(start, files)
+                n_classes = len(listing.classes) if listing.labelled else None
                 marker = _write_chunk(folder, jobs, files, start, encode, n_classes, writer_kwargs, skip_bad, pbar)
                 marker = {"fingerprint": fingerprint, "start": start, "files": len(files), **marker}
                 write_bytes(str(folder / DONE_NAME), json.dumps(marker).encode())
@@ -815,16 +1061,18 @@ def convert_image_folder(
 
     counts = [sum(m["class_counts"][c] for m in markers) for c in range(len(listing.classes))]
     skipped = [s for m in markers for s in m["skipped"]]
-    if sum(counts) == 0:
-        raise ConversionError(f"no readable images in {src}: all {len(skipped)} image files were skipped")
+    samples = sum(m["samples"] for m in markers)
+    if samples == 0:
+        raise ConversionError(f"no readable images in {listing.root}: all {len(skipped)} image files were skipped")
     manifest = {
         "format": _FORMAT,
         "source": src_real,
         "out": out,
-        "columns": COLUMNS,
+        "columns": COLUMNS if listing.labelled else {k: v for k, v in COLUMNS.items() if k != "y"},
+        "labelled": listing.labelled,
         "classes": listing.classes,
         "class_counts": dict(zip(listing.classes, counts)),
-        "samples": sum(counts),
+        "samples": samples,
         "listed_files": len(listing.files),
         "reencoded": sum(m["reencoded"] for m in markers),
         "skipped": skipped,
@@ -833,7 +1081,7 @@ def convert_image_folder(
         "ignored_files": listing.ignored,
         "empty_classes": listing.empty_classes,
         "chunks": len(markers),
-        "options": {**options, "skip_bad": skip_bad, "allow_empty_classes": allow_empty_classes},
+        "options": {**options, "skip_bad": skip_bad, **(manifest_options or {})},
     }
     write_bytes(join_url(out, INDEX_NAME), json.dumps(_merged_index(markers), sort_keys=True).encode(), client=client)
     write_bytes(join_url(out, MANIFEST_NAME), json.dumps(manifest, indent=2).encode(), client=client)
@@ -866,6 +1114,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--allow-empty-classes", action="store_true", help="keep class folders without images as empty classes"
+    )
+    parser.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="images without classes: every image under SRC (sub-folders or not), shards without a 'y' column",
     )
     parser.add_argument("--staging", default=None, help="local staging folder for a remote --out (default: temp)")
     parser.add_argument("--keep-staging", action="store_true", help="keep staged chunks after uploading them")
@@ -900,6 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunk_files=args.chunk_files,
             skip_bad=args.skip_bad,
             allow_empty_classes=args.allow_empty_classes,
+            unlabelled=args.unlabelled,
             staging=args.staging,
             keep_staging=args.keep_staging,
             timeout=args.timeout,
@@ -923,8 +1177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped: {item['path']}: {item['error']}")
     for name in manifest["outside_classes"]:
         print(f"skipped (outside any class folder): {name}")
+    what = (
+        f"{len(manifest['classes'])} classes"
+        if manifest["labelled"]
+        else "no classes (unlabelled: no 'y' column; label-needing callbacks and protocols will refuse it)"
+    )
     print(
-        f"wrote {manifest['samples']} images in {len(manifest['classes'])} classes to {args.out} "
+        f"wrote {manifest['samples']} images in {what} to {args.out} "
         f"({manifest['reencoded']} re-encoded, {manifest['num_skipped']} skipped); "
         f"manifest: {join_url(args.out, MANIFEST_NAME)}"
     )
