@@ -375,3 +375,51 @@ def test_magma_on_simclr_reads_the_first_view():
     for got, expected in probe.pairs:
         assert got == pytest.approx(expected, rel=1e-5) and expected > 0
     assert len(logger.data["loss/train/magma"]) == 2 and len(logger.data["loss/train/simclr"]) == 2
+
+
+# ---------------------------------------------------------------------- gather on two ranks
+def _gather_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    from datetime import timedelta
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    # a deadline: a rank that fails must not leave the other waiting in a collective
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        model = make("simclr", "vit", gather=True)  # the same seed: the same weights on every rank
+        views, labels = two_views(8)
+        share = slice(rank * 4, (rank + 1) * 4)
+        ddp = DistributedDataParallel(model)  # kept alive through backward: its reducer averages the gradients
+        outputs = ddp((views[share], labels[share]))
+        loss = model.loss(outputs, None)["simclr"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        torch.save({"loss": loss.item(), "grads": grads}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gather_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    # SimCLR on the ViT has no batch norm, so two ranks that gather see exactly the single-process batch
+    from tests.conftest import free_port
+
+    out = str(tmp_path / "rank")
+    torch.multiprocessing.spawn(_gather_rank, args=(2, free_port(), out), nprocs=2, join=True)
+    model = make("simclr", "vit")
+    batch = two_views(8)
+    loss = model.loss(model(batch), batch)["simclr"]
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=False)
+        assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)  # every rank: the global loss
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # without gathering, each rank's loss would have only its own 2 x 4 - 2 negatives
+    local = make("simclr", "vit")
+    half = (batch[0][:4], batch[1][:4])
+    assert abs(local.loss(local(half), half)["simclr"].item() - loss.item()) > 1e-3
