@@ -423,3 +423,31 @@ def test_gather_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
     local = make("simclr", "vit")
     half = (batch[0][:4], batch[1][:4])
     assert abs(local.loss(local(half), half)["simclr"].item() - loss.item()) > 1e-3
+
+
+def test_magma_on_a_resnet_vicreg_reads_layer3_and_layer4_of_the_first_view():
+    model = make("vicreg", "resnet18-cifar")
+
+    class Expected(Callback):
+        def __init__(self):
+            self.pairs = []
+
+        def before_backward(self, state, logger):
+            net = state.model.encoder
+            # BN in training mode normalises with the batch's statistics: the same view-1 batch gives the same maps
+            with torch.no_grad():
+                x = net.maxpool(net.act1(net.bn1(net.conv1(state.batch[0][:, 0]))))
+                x3 = net.layer3(net.layer2(net.layer1(x)))
+                x4 = net.layer4(x3)
+            expected = magma_loss(x3.mean(dim=(2, 3)), x4.mean(dim=(2, 3)))
+            self.pairs.append((float(state.loss["magma"]), float(expected)))
+
+    probe = Expected()
+    train, _ = _loaders(8)
+    magma = MAGMA(reference_layers=["layer3"], target_layer="layer4")
+    trainer, logger = quick_trainer(model, [magma], train, "2ba", [probe])
+    trainer.fit()
+    assert len(probe.pairs) == 2
+    for got, expected in probe.pairs:
+        assert got == pytest.approx(expected, rel=1e-4) and expected > 0
+    assert len(logger.data["loss/train/vicreg_variance"]) == 2
