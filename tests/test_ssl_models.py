@@ -451,3 +451,22 @@ def test_magma_on_a_resnet_vicreg_reads_layer3_and_layer4_of_the_first_view():
     for got, expected in probe.pairs:
         assert got == pytest.approx(expected, rel=1e-4) and expected > 0
     assert len(logger.data["loss/train/vicreg_variance"]) == 2
+
+
+@pytest.mark.parametrize("method", ["simclr", "vicreg"])
+def test_trainer_on_the_streaming_two_view_data_set(demo_mds, method):
+    from magma_composer.data.loader import build_image_dataloader
+
+    common = {"remote": str(demo_mds), "image_size": 32, "num_workers": 0}
+    train = build_image_dataloader(8, split="train", views=method, max_samples=32, **common)
+    evaluation = build_image_dataloader(8, split="test", train=False, max_samples=16, **common)
+    views, labels = next(iter(train))
+    assert views.shape == (8, 2, 3, 32, 32) and labels.shape == (8,)
+    assert not torch.equal(views[:, 0], views[:, 1])  # two different augmentations of each image
+    model = make(method, "vit")
+    metric = "SimCLRLoss" if method == "simclr" else "VICRegLoss"
+    trainer, logger = quick_trainer(model, [], train, "2ba", eval_dataloader=evaluation, eval_interval="2ba")
+    trainer.fit()
+    loss_key = "loss/train/simclr" if method == "simclr" else "loss/train/vicreg_covariance"
+    assert len(logger.data[loss_key]) == 2 and all(math.isfinite(float(v)) for _, v in logger.data[loss_key])
+    assert math.isfinite(float(logger.data[f"metrics/eval/{metric}"][-1][1]))
