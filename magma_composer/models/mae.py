@@ -457,7 +457,8 @@ class ComposerMAE(ComposerModel):
         if mask_ratio == 0:  # nothing is masked, so the mask token never gets a gradient (DDP would wait for it)
             self.net.mask_token.requires_grad_(False)
         self.val_metrics = {"ReconstructionMSE": MeanMetric()}
-        self.mask_seed = int(torch.randint(0, 2**62, ()).item()) if mask_seed is None else int(mask_seed)
+        # drawn on the CPU so that the model can also be built on the meta device
+        self.mask_seed = int(torch.randint(0, 2**62, (), device="cpu").item()) if mask_seed is None else int(mask_seed)
         self._mask_step = 0
 
     # ------------------------------------------------------------------ input
