@@ -207,9 +207,10 @@ def test_magma_small_data_families_follow_the_base_codes_stock_recipe(dataset):
     assert base.scheduler == {"warmup": "10ep"} and base.max_duration == "1000ep"
     assert base.train_data["batch_size"] == 256 and base.train_data["crop_scale"] == [0.08, 1.0]
     assert base.train_data["remote"] == base.eval_data["remote"] == f"data/{dataset}-mds"
-    assert base.train_data["split"] == ("unlabeled" if dataset == "stl10" else "train")
-    assert base.eval_data["split"] == "test" and base.algorithms == {}
-    assert ("knn_monitor" in base.callbacks) == (dataset != "stl10")  # no labels in STL-10's unlabeled split
+    # STL-10: the base code's pre-training split (train + unlabeled, no labels); Tiny-ImageNet: its labelled val
+    assert base.train_data["split"] == ("train+unlabeled" if dataset == "stl10" else "train")
+    assert base.eval_data["split"] == ("val" if dataset == "tiny-imagenet" else "test") and base.algorithms == {}
+    assert ("knn_monitor" in base.callbacks) == (dataset != "stl10")  # no memory bank without labels
     for name in ("m-mae", "u-mae", "mu-mae"):
         cfg = load_config(folder / f"{name}-vit-small.yaml")
         assert cfg.model == base.model and cfg.optimizer == base.optimizer and cfg.train_data == base.train_data
@@ -233,6 +234,7 @@ def test_imagenet100_family_is_the_released_recipe_on_the_100_classes(name):
     assert cfg.run_name == f"imagenet100-{name}-vitb16"
     assert cfg.train_data["remote"] == cfg.eval_data["remote"] == "data/imagenet100-mds"
     assert cfg.train_data["local"] is None and cfg.eval_data["local"] is None
+    assert (cfg.train_data["split"], cfg.eval_data["split"]) == ("train", "val")  # the preparer's splits
     prefix = name.split("-")[0]
     assert ("magma" in cfg.algorithms) == (prefix in ("m", "mu"))
     assert ("uniformity" in cfg.algorithms) == (prefix in ("u", "mu"))
