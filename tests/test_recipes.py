@@ -124,11 +124,11 @@ def _build_cheap_parts(cfg) -> None:
     """Builds what needs no data and no file: the model (on the meta device: no memory, no initialisation cost),
     the algorithms (a stand-in basis for PCA masking) and their checks against the model, the optimizer and the
     learning-rate schedule. Each owner checks its values, so a value no owner accepts fails here."""
-    from magma_composer.config import build_section, section_class
+    from magma_composer.config import build_section
     from magma_composer.train import build_components, build_optimizer, build_scheduler
 
     options = {k: v for k, v in cfg.model.items() if k != "name"}
-    model_class = section_class("model", cfg.model)
+    model_class = registry.resolve(registry.MODELS, cfg.model.get("name", "mae"), "model")
     try:
         with torch.device("meta"):
             model = build_section("model", model_class, **options)
