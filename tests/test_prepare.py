@@ -249,6 +249,18 @@ def test_stl10_splits_orientation_and_unlabelled(tmp_path):
     last = _pixels(_raw(tmp_path / "out" / "train")[2]["x"])
     assert tuple(last[5, 40]) == (10, 80, 7)  # row 5, column 40: not transposed
 
+    # encoded in 2 processes (the pool reads the memory-mapped file image by image): the same shards; and on
+    # request torchvision's 'train+unlabeled' split: train's images, then unlabeled's, without labels
+    splits = ["train", "test", "unlabeled", "train+unlabeled"]
+    two = prepare_dataset("stl10", tmp_path / "dl", tmp_path / "two", splits=splits, workers=2, chunk_files=2)
+    for split in planted:
+        one, other = _raw(tmp_path / "out" / split), _raw(tmp_path / "two" / split)
+        assert [s["x"] for _, s in sorted(one.items())] == [s["x"] for _, s in sorted(other.items())]
+    both = _raw(tmp_path / "two" / "train+unlabeled")
+    expected = np.concatenate([planted["train"][0], planted["unlabeled"][0]])
+    assert two["splits"]["train+unlabeled"]["labelled"] is False and sorted(both) == list(range(7))
+    assert all(np.array_equal(_pixels(both[k]["x"]), expected[k]) and "y" not in both[k] for k in range(7))
+
     unlabelled = StreamingImageDataset(remote=str(tmp_path / "out"), split="unlabeled", image_size=32, batch_size=2)
     assert not unlabelled.has_labels and unlabelled[0][1] == -1
     labelled = StreamingImageDataset(remote=str(tmp_path / "out"), split="train", image_size=32, batch_size=2)

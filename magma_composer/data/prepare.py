@@ -18,7 +18,9 @@ Data sets (NAME: what ``--src`` holds -> splits):
 * ``stl10``: the binary version, ``stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin,
   unlabeled_X.bin, class_names.txt}`` -> ``train`` (5,000), ``test`` (8,000), ``unlabeled`` (100,000 images
   without labels, for pre-training); 96 x 96 px. Images are stored channel by channel, each column by column
-  (column-major); labels 1..10 become class indices 0..9.
+  (column-major); labels 1..10 become class indices 0..9. On request (``--splits train+unlabeled``) also
+  torchvision's ``train+unlabeled``: the 5,000 training images, then the 100,000 unlabelled ones, without labels
+  (what solo-learn pre-trains STL-10 on).
 * ``tiny-imagenet``: ``tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG,
   val/val_annotations.txt}`` -> ``train`` (100,000), ``val`` (10,000; its labels from ``val_annotations.txt``);
   64 x 64 px. Class ``k`` is the ``k``-th WordNet id of ``wnids.txt`` in sorted order in both splits (torchvision's
@@ -177,6 +179,7 @@ class _Spec:
     read: Callable[..., Found]
     summary: str
     arrays: bool  # pixel arrays (stored as PNG / JPEG), not image files
+    default: tuple[str, ...] | None = None  # the splits prepared without --splits (None: all)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -329,17 +332,42 @@ def _stl_images(path: Path) -> np.ndarray:
     return raw.transpose(0, 3, 2, 1)
 
 
+class _Concat:
+    """Image arrays one after another, read one image at a time."""
+
+    def __init__(self, parts: Sequence[Any]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        part = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return self.parts[part][k - int(self.starts[part])]
+
+
 def _read_stl10(src: Path, splits: Sequence[str], labels: str | None) -> Found:
     root = _find_root(src, "stl10_binary", ("class_names.txt", "train_X.bin"), "the STL-10 binary version")
     files = ["class_names.txt"]
     for split in splits:
-        files += [f"{split}_X.bin"] + ([] if split == "unlabeled" else [f"{split}_y.bin"])
-    _need(root, files, "stl10")
+        if split == "train+unlabeled":
+            files += ["train_X.bin", "unlabeled_X.bin"]
+        else:
+            files += [f"{split}_X.bin"] + ([] if split == "unlabeled" else [f"{split}_y.bin"])
+    _need(root, list(dict.fromkeys(files)), "stl10")
     names = [line.strip() for line in (root / "class_names.txt").read_text().splitlines() if line.strip()]
     if not names or len(set(names)) != len(names):
         raise PrepareError(f"{root / 'class_names.txt'}: expected one distinct class name per line")
 
     def listing(split: str) -> SourceListing:
+        if split == "train+unlabeled":  # torchvision's split of that name: train's images, then unlabeled's
+            parts = [root / "train_X.bin", root / "unlabeled_X.bin"]
+            images = _Concat([_stl_images(p) for p in parts])
+            named = [(p, k) for p, part in zip(parts, images.parts) for k in range(len(part))]
+            files = [(f"{p.name}[{k}]", -1) for p, k in named]
+            stats = {p: _stats(p) for p in parts}
+            return SourceListing(root, [], files, [stats[p] for p, _ in named], labelled=False, images=images)
         x_path = root / f"{split}_X.bin"
         images = _stl_images(x_path)
         if split == "unlabeled":
@@ -351,9 +379,9 @@ def _read_stl10(src: Path, splits: Sequence[str], labels: str | None) -> Found:
         _labels_in_range(y, len(names), str(y_path), offset=1)
         return _array_listing(x_path, x_path.name, images, y - 1, names)
 
-    notes = []
-    if "unlabeled" in splits:
-        notes.append("stl10: split 'unlabeled' has no labels (no 'y' column): for pre-training only")
+    notes = [
+        f"stl10: split {s!r} has no labels (no 'y' column): for pre-training only" for s in splits if "unlabeled" in s
+    ]
     return Found(root, names, names, {s: (lambda s=s: listing(s)) for s in splits}, True, _STL_SIDE, notes)
 
 
@@ -561,10 +589,12 @@ def _read_medmnist(name: str, src: Path, splits: Sequence[str], labels: str | No
 DATASETS: dict[str, _Spec] = {
     "cifar100": _Spec(("train", "test"), _read_cifar100, "cifar-100-python/{train,test,meta} pickles", True),
     "stl10": _Spec(
-        ("train", "test", "unlabeled"),
+        ("train", "test", "unlabeled", "train+unlabeled"),
         _read_stl10,
-        "stl10_binary/*.bin; 'unlabeled': 100,000 images, no labels",
+        "stl10_binary/*.bin; 'unlabeled': 100,000 images, no labels; 'train+unlabeled' (105,000, no labels) only "
+        "with --splits",
         True,
+        default=("train", "test", "unlabeled"),
     ),
     "tiny-imagenet": _Spec(("train", "val"), _read_tiny_imagenet, "tiny-imagenet-200/ with val_annotations.txt", False),
     "imagenet100": _Spec(("train", "val"), _read_imagenet100, "an ImageNet folder train/<wnid>/, val/<wnid>/", False),
@@ -637,7 +667,7 @@ def _check_options(
     quality: int | None,
 ) -> tuple[list[str], str | None, str | None, int]:
     if splits is None:
-        splits = list(spec.splits)
+        splits = list(spec.default or spec.splits)
     else:
         splits = list(dict.fromkeys(splits))
         unknown = [s for s in splits if s not in spec.splits]
