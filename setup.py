@@ -41,7 +41,7 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["magma_composer", "magma_composer.*"]),
-    package_data={"magma_composer": ["**/README.md"]},
+    package_data={"magma_composer": ["**/README.md", "models/*.md", "data/*.txt"]},
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,
