@@ -158,10 +158,7 @@ class TrainConfig:
     def _check_model_fits_the_data(self) -> None:
         """A two-view model (SimCLR, VICReg) needs ``train_data.views`` and a one-view model refuses them; callbacks
         that need what only the MAE has are refused for the others."""
-        try:  # TEMPORARY until H-ssl's two_view.py lands
-            from magma_composer.models.two_view import TwoViewModel
-        except ImportError:
-            TwoViewModel = type("TwoViewModel", (), {})  # noqa: N806
+        from magma_composer.models.two_view import TwoViewModel
 
         model_class = section_class("model", self.model)
         name = self.model.get("name", NAMED_SECTIONS["model"][1])
@@ -179,6 +176,15 @@ class TrainConfig:
             raise ConfigError(
                 f"train_data.views: model {name!r} ({model_class.__name__}) takes one image per sample; remove "
                 f"views, or choose a two-view model (model.name: {' or '.join(two_view_names)})"
+            )
+        microbatch, batch = self.device_train_microbatch_size, self.train_data.get("batch_size")
+        if two_views and (
+            microbatch == "auto" or (isinstance(microbatch, int) and isinstance(batch, int) and microbatch < batch)
+        ):
+            raise ConfigError(
+                f"device_train_microbatch_size: {microbatch!r}, but the loss of model {name!r} is a function of the "
+                f"whole per-device batch ({batch}: its negatives or statistics), not a sum over samples; split into "
+                f"microbatches it would be another loss: set it to {batch}, or leave it out"
             )
         if "reconstruction_images" in self.callbacks and not hasattr(model_class, "reconstruction_panels"):
             raise ConfigError(

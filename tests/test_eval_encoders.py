@@ -439,3 +439,121 @@ def test_random_hash_depends_on_architecture_and_seed(tmp_path):
     loaded = load_encoder(str(tmp_path / "a.pt"), weights="random", seed=0)
     identity = json.dumps({"weights": "random", "seed": 0, "arch": loaded.arch}, sort_keys=True)
     assert loaded.sha256 == hashlib.sha256(identity.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ SimCLR / VICReg
+def two_view_checkpoint(folder: Path, model) -> Path:
+    """``model`` after 2 real training steps on two-view batches, and the checkpoint that run saved."""
+    views = torch.randn(16, 2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    data = TensorDataset(views, torch.zeros(16, dtype=torch.long))
+    trainer, _ = quick_trainer(
+        model, [], DataLoader(data, batch_size=8), max_duration="2ba", save_folder=str(folder), save_interval="2ba"
+    )
+    trainer.fit()
+    trainer.close()
+    model.eval()
+    return folder / "ep0-ba2-rank0.pt"
+
+
+@pytest.fixture(scope="module")
+def simclr_vit(tmp_path_factory):
+    from magma_composer.models.simclr import ComposerSimCLR
+
+    torch.manual_seed(0)
+    model = ComposerSimCLR({"embed_dim": 32, "depth": 4, "num_heads": 2}, img_size=32, patch_size=8,
+                           proj_hidden_dim=32, proj_output_dim=16)  # fmt: skip
+    return model, two_view_checkpoint(tmp_path_factory.mktemp("simclr"), model)
+
+
+@pytest.fixture(scope="module")
+def vicreg_resnet(tmp_path_factory):
+    from magma_composer.models.vicreg import ComposerVICReg
+
+    torch.manual_seed(0)
+    model = ComposerVICReg("resnet18", img_size=32, cifar_stem=True, proj_hidden_dim=32, proj_output_dim=32)
+    return model, two_view_checkpoint(tmp_path_factory.mktemp("vicreg"), model)
+
+
+def test_simclr_vit_checkpoint(simclr_vit):
+    """A SimCLR checkpoint's ViT (keys encoder.*, a projector beside it) gives the model's CLS and mean features."""
+    model, path = simclr_vit
+    loaded = load_encoder(str(path))
+    assert loaded.kind == "vit" and loaded.format == "composer" and loaded.arch == TINY_ARCH
+    assert set(loaded.net.state_dict()) == set(model.encoder.state_dict())
+    for name, tensor in model.encoder.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[name], tensor), name
+    x = images()
+    with torch.no_grad():
+        for pool in ("cls", "mean"):
+            assert torch.equal(encode(loaded.net, x, pool), model.extract_features(x, pool=pool))
+    # the random baseline is initialised as SimCLR's backbone is (timm's, learned positions), not as the MAE
+    random = load_encoder(str(path), weights="random", seed=1)
+    assert random.arch == TINY_ARCH and random.sha256 != load_encoder(str(path), weights="random", seed=2).sha256
+    assert not torch.equal(random.net.pos_embed[0], sincos_2d(32, 4, 4, num_prefix_tokens=1))
+
+
+def test_vicreg_resnet_checkpoint(vicreg_resnet):
+    """A CNN encoder is rebuilt from its record (timm name, channels, size, stem) and gives the pooled output."""
+    model, path = vicreg_resnet
+    loaded = load_encoder(str(path))
+    assert loaded.kind == "cnn" and loaded.format == "composer"
+    assert loaded.arch == {"timm_model": "resnet18", "in_chans": 3, "img_size": 32, "cifar_stem": True}
+    assert loaded.vit is loaded.net and not loaded.net.training
+    for name, tensor in model.encoder.state_dict().items():  # BatchNorm running statistics included
+        assert torch.equal(loaded.net.state_dict()[name], tensor), name
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(encode(loaded.net, x, "mean"), model.extract_features(x))
+    with pytest.raises(OptionError, match="pool: 'cls' needs a ViT's CLS token; this encoder .ResNet. has none"):
+        encode(loaded.net, x, "cls")
+    with pytest.raises(ValueError, match="takes B x 3 x H x W images"):
+        encode(loaded.net, torch.zeros(2, 1, 32, 32), "mean")
+    with pytest.raises(OptionError, match="num_heads: applies to ViT encoders"):
+        load_encoder(str(path), num_heads=2)
+    # the random baseline: the same CNN, timm's initialisation, seeded, the global RNG untouched
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    a = load_encoder(str(path), weights="random", seed=1)
+    assert torch.equal(torch.rand(3), expected)
+    b, c = load_encoder(str(path), weights="random", seed=1), load_encoder(str(path), weights="random", seed=2)
+    assert a.kind == "cnn" and a.sha256 == b.sha256 != c.sha256 != file_sha256(path)
+    assert torch.equal(a.net.conv1.weight, b.net.conv1.weight) and not torch.equal(
+        a.net.conv1.weight, c.net.conv1.weight
+    )
+    assert a.net.conv1.kernel_size == (3, 3)  # the CIFAR stem of the record
+
+
+def test_exported_cnn_encoder_with_its_record(vicreg_resnet, tmp_path):
+    """A CNN encoder's timm state dict with an architecture record beside it (the layout export_encoder writes)."""
+    from magma_composer.checkpoints import ENCODER_SIDECAR_FORMAT, write_with_hash
+    from magma_composer.models.two_view import backbone_architecture
+
+    model, _ = vicreg_resnet
+    path = tmp_path / "encoder.pt"
+    digest = write_with_hash(path, lambda f: torch.save(model.encoder.state_dict(), f))
+    record = backbone_architecture(model.encoder, "resnet18", 32, True)
+    sidecar = {"format": ENCODER_SIDECAR_FORMAT, "sha256": digest, "architecture": record}
+    (tmp_path / "encoder.pt.json").write_text(json.dumps(sidecar))
+    loaded = load_encoder(str(path))
+    assert loaded.kind == "cnn" and loaded.format == "timm" and loaded.arch == record
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(encode(loaded.net, x, "mean"), model.extract_features(x))
+    # a record whose stem does not fit the tensors
+    (tmp_path / "encoder.pt.json").write_text(json.dumps({**sidecar, "architecture": {**record, "cifar_stem": False}}))
+    with pytest.raises(EncoderError, match=r"tensors of the wrong shape for a timm resnet18: conv1.weight"):
+        load_encoder(str(path))
+    # an incomplete record
+    (tmp_path / "encoder.pt.json").write_text(json.dumps({**sidecar, "architecture": {"timm_model": "resnet18"}}))
+    with pytest.raises(EncoderError, match="its CNN record .* is incomplete: in_chans, img_size, cifar_stem"):
+        load_encoder(str(path))
+    # a name timm does not know
+    bad = {**record, "timm_model": "resnet_nonexistent"}
+    (tmp_path / "encoder.pt.json").write_text(json.dumps({**sidecar, "architecture": bad}))
+    with pytest.raises(EncoderError, match="cannot be rebuilt: encoder: 'resnet_nonexistent' is not a timm model"):
+        load_encoder(str(path))
+    # without a record, a CNN state dict cannot be read: the message says where records come from
+    (tmp_path / "encoder.pt.json").unlink()
+    with pytest.raises(EncoderError, match="holds no ViT encoder.*A CNN encoder .a ResNet. is read from our SimCLR"):
+        load_encoder(str(path))

@@ -1,11 +1,16 @@
-r"""A classifier on a ViT encoder, as a Composer model: the linear probe, the MLP probe and fine-tuning.
+r"""A classifier on an encoder, as a Composer model: the linear probe, the MLP probe and fine-tuning.
 
-The encoder's tokens are pooled to one vector per image, then a head maps it to class logits:
+The encoder (a timm ViT, or a timm CNN such as a SimCLR / VICReg ResNet) gives one vector per image, then a head
+maps it to class logits. A ViT's tokens are pooled:
 
 * ``pool='cls'``: the CLS token after the encoder's final norm (MAE's and PMAE's linear probe, the papers' default).
 * ``pool='mean'``: the mean of the patch tokens (prefix tokens excluded) after the final norm.
 * ``fc_norm=True``: MAE's fine-tuning head: the encoder's final norm is dropped and a fresh LayerNorm (eps 1e-6)
   is applied to the pooled tokens instead, :math:`f = \mathrm{LN}(\frac{1}{N}\sum_i t_i)` with ``pool='mean'``.
+
+A CNN's feature is its global average pooled output (``pool='mean'``; it has no CLS token, no final norm to
+replace and no blocks to drop: ``'cls'``, ``fc_norm`` and ``drop_path`` are refused for it). Its batch-norm layers
+use their running statistics while the encoder is frozen (the probes) and train with it when fine-tuning.
 
 Heads (``D`` the encoder width, ``C`` the classes, ``H`` = ``mlp_hidden_dim``):
 
@@ -119,7 +124,7 @@ def set_drop_path(vit: VisionTransformer, drop_path: float) -> None:
 
 
 class EncoderClassifier(ComposerModel):
-    """A ViT encoder, a pooling and a classification head (module docstring: the poolings and heads).
+    """An encoder, a pooling and a classification head (module docstring: the poolings and heads).
 
     A frozen encoder (``freeze_encoder=True``, the probes) gets no gradients, runs under ``torch.no_grad`` and stays
     in eval mode even when the model is put in training mode; only the head (and ``fc_norm``) train. Otherwise
@@ -137,8 +142,9 @@ class EncoderClassifier(ComposerModel):
     training and in evaluation are recorded (:meth:`seen_classes`) so that a caller can compare the splits.
 
     Args:
-        encoder (VisionTransformer): a timm ViT (``num_classes=0``); this model owns it from now on (``fc_norm`` and
-            ``drop_path`` change its layers).
+        encoder (nn.Module): a timm ViT (``num_classes=0``), or a timm CNN without classifier (``num_classes=0``, its
+            forward the pooled ``num_features`` output); this model owns it from now on (``fc_norm`` and
+            ``drop_path`` change a ViT's layers).
         num_classes (int): classes, >= 2.
         head (str): ``'linear'`` or ``'mlp'``.
         batch_norm (bool): ``BatchNorm1d(affine=False, eps=1e-6)`` on the pooled features before the head. Its
@@ -157,7 +163,7 @@ class EncoderClassifier(ComposerModel):
 
     def __init__(
         self,
-        encoder: VisionTransformer,
+        encoder: nn.Module,
         num_classes: int,
         head: str = "linear",
         batch_norm: bool = False,
@@ -171,8 +177,14 @@ class EncoderClassifier(ComposerModel):
         prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(encoder, VisionTransformer):
-            raise OptionError("encoder", f"expected a timm VisionTransformer, got {type(encoder).__name__}")
+        is_vit = isinstance(encoder, VisionTransformer)
+        if not is_vit and not (
+            isinstance(encoder, nn.Module) and isinstance(getattr(encoder, "num_features", None), int)
+        ):
+            raise OptionError(
+                "encoder",
+                f"expected a timm VisionTransformer or a timm CNN (num_features), got {type(encoder).__name__}",
+            )
         check_int("num_classes", num_classes, 2)
         check_choice("head", head, ("linear", "mlp"))
         check_choice("pool", pool, ("cls", "mean"))
@@ -187,19 +199,31 @@ class EncoderClassifier(ComposerModel):
             mlp_layers = DEFAULT_MLP_LAYERS if mlp_layers is None else mlp_layers
             check_int("mlp_hidden_dim", mlp_hidden_dim, 1)
             check_int("mlp_layers", mlp_layers, 2)
-        if pool == "cls" and encoder.cls_token is None:
+        if not is_vit:
+            kind = type(encoder).__name__
+            if pool == "cls":
+                raise OptionError(
+                    "pool", f"'cls' needs a ViT's CLS token; the {kind} encoder has none: set pool: mean (its global "
+                    "average pooled output)"
+                )  # fmt: skip
+            if fc_norm:
+                raise OptionError("fc_norm", f"replaces a ViT's final norm; the {kind} encoder has none: remove it")
+            if drop_path > 0:
+                raise OptionError("drop_path", f"sets a ViT's stochastic depth; not supported for the {kind} encoder")
+        elif pool == "cls" and encoder.cls_token is None:
             raise OptionError("pool", "'cls' needs an encoder with a CLS token; this one has none (use 'mean')")
         if drop_path > 0 and freeze_encoder:
             raise OptionError("drop_path", "has no effect on a frozen encoder; set freeze_encoder: false or remove it")
-        if encoder.num_classes != 0:
-            raise OptionError("encoder", f"expected a headless ViT (num_classes=0), got {encoder.num_classes}")
+        if getattr(encoder, "num_classes", 0) != 0:
+            raise OptionError("encoder", f"expected a headless encoder (num_classes=0), got {encoder.num_classes}")
 
         self.encoder = encoder
+        self.is_vit = is_vit
         self.num_classes = num_classes
         self.pool = pool
         self.freeze_encoder = freeze_encoder
-        self.num_prefix_tokens = encoder.num_prefix_tokens
-        width = encoder.embed_dim
+        self.num_prefix_tokens = encoder.num_prefix_tokens if is_vit else 0
+        width = encoder.embed_dim if is_vit else encoder.num_features
         if fc_norm:
             # MAE fine-tuning drops the pre-trained final norm and normalises the pooled tokens with a fresh one
             eps = getattr(encoder.norm, "eps", 1e-6)
@@ -254,10 +278,19 @@ class EncoderClassifier(ComposerModel):
         return isinstance(module, Block)
 
     # ------------------------------------------------------------------ forward
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_vit:  # a timm CNN without classifier: its forward is the pooled output
+            return self.encoder(x)
+        return pool_tokens(self.encoder.forward_features(x), self.pool, self.num_prefix_tokens)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled (and ``fc_norm``-ed) encoder features, ``B x D``, of data-set images."""
-        expected = tuple(self.encoder.patch_embed.img_size)
-        if getattr(self.encoder.patch_embed, "strict_img_size", True) and tuple(images.shape[-2:]) != expected:
+        expected = tuple(self.encoder.patch_embed.img_size) if self.is_vit else None
+        if (
+            self.is_vit
+            and getattr(self.encoder.patch_embed, "strict_img_size", True)
+            and tuple(images.shape[-2:]) != expected
+        ):
             raise EvalDataError(
                 f"the images are {images.shape[-2]}x{images.shape[-1]} pixels but the encoder was built for "
                 f"{expected[0]}x{expected[1]}; set the data's image_size to {expected[0]}"
@@ -265,10 +298,10 @@ class EncoderClassifier(ComposerModel):
         x = images if self.prepare is None else self.prepare(images)
         if self.freeze_encoder:
             with torch.no_grad():
-                tokens = self.encoder.forward_features(x)
+                pooled = self._encode(x)
         else:
-            tokens = self.encoder.forward_features(x)
-        return self.fc_norm(pool_tokens(tokens, self.pool, self.num_prefix_tokens))
+            pooled = self._encode(x)
+        return self.fc_norm(pooled)
 
     def forward(self, batch: Any) -> torch.Tensor:
         images, labels = _split(batch)

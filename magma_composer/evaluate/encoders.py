@@ -1,23 +1,29 @@
-"""Loading a ViT encoder to evaluate: from our Composer checkpoints, exported timm state dicts and official MAE files.
+"""Loading an encoder to evaluate: from our Composer checkpoints, exported timm state dicts and official MAE files.
 
 :func:`load_encoder` (the owner of an evaluation recipe's ``encoder:`` section) reads one file and returns a
-:class:`LoadedEncoder`: a timm ``VisionTransformer`` without head, in eval mode on the CPU, with the file's hash and
-how its inputs must be prepared. Three layouts are read:
+:class:`LoadedEncoder`: a timm ``VisionTransformer`` without head (or, for a SimCLR / VICReg run on a CNN, the timm
+CNN without classifier), in eval mode on the CPU, with the file's hash and how its inputs must be prepared. Three
+layouts are read:
 
-* ``composer``: a checkpoint our training wrote (``torch.load(f)['state']['model']``, keys ``net.encoder.*``,
-  possibly below a ``module.`` prefix). Its ``_extra_state`` records the encoder's architecture (checkpoints
-  written before that are still read; their ``num_heads`` comes from the rules below), and a PCA-masking run's
-  algorithm state names the basis the encoder was trained on.
+* ``composer``: a checkpoint our training wrote (``torch.load(f)['state']['model']``, keys ``net.encoder.*`` for
+  the MAE, ``encoder.*`` for SimCLR / VICReg, possibly below a ``module.`` prefix). Its ``_extra_state`` records the
+  encoder's architecture (checkpoints written before that are still read; their ``num_heads`` comes from the rules
+  below), and a PCA-masking run's algorithm state names the basis the encoder was trained on.
 * ``timm``: a plain ``{name: tensor}`` state dict, as ``magma_composer.checkpoints.export_encoder`` writes it (with
   its architecture in ``<file>.json``), or timm's own weights (e.g. ``vit_base_patch16_224.mae``) saved locally as
   ``model.safetensors`` or ``pytorch_model.bin``.
 * ``mae``: facebookresearch/mae's ``mae_pretrain_vit_*.pth``, ``{'model': state}``; its decoder (``decoder_*``,
   ``mask_token``) and a fine-tuned file's classifier (``head.*``) are dropped.
 
-The architecture comes from the tensors' shapes (width, depth, patch size, channels, image size from the position
-embedding's length, MLP ratio, qkv bias). The number of attention heads, which no shape shows, comes from the
-file's record if it has one, else from ``num_heads``, else from the standard timm widths (192: 3, 384: 6, 768: 12,
-1024: 16, 1280: 16). Files that cannot be used raise :class:`EncoderError` naming the file and what was found.
+A CNN encoder (``ComposerSimCLR('resnet50')``...) is rebuilt from its record alone, ``{'timm_model', 'in_chans',
+'img_size', 'cifar_stem'}`` (:func:`~magma_composer.models.two_view.backbone_architecture`), found in the checkpoint's
+extra state or the exported file's ``<file>.json``: a CNN state dict without a record cannot be read. Its features
+are the pooled output (``pool: mean``).
+
+A ViT's architecture comes from the tensors' shapes (width, depth, patch size, channels, image size from the
+position embedding's length, MLP ratio, qkv bias). The number of attention heads, which no shape shows, comes from
+the file's record if it has one, else from ``num_heads``, else from the standard timm widths (192: 3, 384: 6,
+768: 12, 1024: 16, 1280: 16). Files that cannot be used raise :class:`EncoderError` naming the file and what was found.
 
 Composer checkpoints hold pickled Python objects: a file that ``torch.load(..., weights_only=True)`` refuses is read
 with full unpickling, as Composer itself reads checkpoints, so load only files you trust.
@@ -36,6 +42,7 @@ from typing import Any, Callable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from magma_composer.checkpoints import (
     ENCODER_SIDECAR_FORMAT,
@@ -48,7 +55,9 @@ from magma_composer.options import OptionError, check_choice, check_int
 
 __all__ = [
     "ARCH_KEYS",
+    "CNN_ARCH_KEYS",
     "FORMATS",
+    "KINDS",
     "STANDARD_NUM_HEADS",
     "BasisStandardization",
     "EncoderError",
@@ -70,8 +79,15 @@ _REQUIRED = ("cls_token", "pos_embed", _PATCH_WEIGHT, "blocks.0.attn.qkv.weight"
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
+#: The entries of :attr:`LoadedEncoder.arch` for a CNN (as :func:`~magma_composer.models.two_view.backbone_architecture`
+#: records them).
+CNN_ARCH_KEYS = ("timm_model", "in_chans", "img_size", "cifar_stem")
+#: :attr:`LoadedEncoder.kind`: a timm ViT, or another timm model (a CNN) whose feature is its pooled output.
+KINDS = ("vit", "cnn")
+
+
 class EncoderError(ValueError):
-    """A file that is not a usable ViT encoder; the message names the file and what was found in it."""
+    """A file that is not a usable encoder; the message names the file and what was found in it."""
 
 
 @dataclass
@@ -79,11 +95,12 @@ class LoadedEncoder:
     """An encoder ready for evaluation.
 
     Attributes:
-        vit (VisionTransformer): the timm ViT, ``num_classes=0``, in eval mode, on the CPU.
+        net (nn.Module): the encoder, in eval mode, on the CPU: a timm ViT (``num_classes=0``) for ``kind`` ``'vit'``,
+            a timm CNN without classifier (``num_classes=0``: its forward gives the pooled output) for ``'cnn'``.
         source (str): the file it was read from.
         format (str): the file's layout: ``'composer'``, ``'timm'`` or ``'mae'``.
         sha256 (str): the file's sha256; for ``weights='random'`` a hash of the architecture and the seed.
-        arch (dict): :data:`ARCH_KEYS` -> value.
+        arch (dict): :data:`ARCH_KEYS` -> value for a ViT, :data:`CNN_ARCH_KEYS` -> value for a CNN.
         prepare (Callable, optional): applied to data-set images before the ViT (a PCA basis's per-pixel
             standardisation), or ``None``.
         normalize (str): the data normalisation the encoder expects: ``'none'`` (raw [0, 1] pixels, when
@@ -91,9 +108,10 @@ class LoadedEncoder:
         weights (str): ``'checkpoint'`` or ``'random'``.
         basis_sha256 (str, optional): the content hash of the PCA basis behind ``prepare``, if any (features
             depend on it as much as on the weights).
+        kind (str): ``'vit'`` or ``'cnn'`` (:data:`KINDS`).
     """
 
-    vit: VisionTransformer
+    net: nn.Module
     source: str
     format: str
     sha256: str
@@ -102,6 +120,12 @@ class LoadedEncoder:
     normalize: str = "imagenet"
     weights: str = "checkpoint"
     basis_sha256: str | None = field(default=None)
+    kind: str = "vit"
+
+    @property
+    def vit(self) -> nn.Module:
+        """The encoder (:attr:`net`; the name is older than CNN encoders: for ``kind`` ``'cnn'`` it is the CNN)."""
+        return self.net
 
 
 class BasisStandardization:
@@ -226,7 +250,8 @@ def map_encoder_keys(state: dict[str, Any], shown: str = "the checkpoint") -> di
         raise EncoderError(
             f"{shown} holds no ViT encoder: no {_PATCH_WEIGHT!r} among its keys ({sample or 'none'}); expected the "
             "keys of a timm VisionTransformer (cls_token, pos_embed, patch_embed.*, blocks.N.*, norm.*) — is it "
-            "another model (a ResNet, a classifier without a ViT)?"
+            "another model? A CNN encoder (a ResNet) is read from our SimCLR / VICReg checkpoints or from an export "
+            "with its <file>.json record, which name its timm model"
         )
     if len(prefixes) > 1:
         preferred = [p for p in prefixes if p.removeprefix("module.") == "net.encoder."]
@@ -342,13 +367,13 @@ def _build_vit(arch: dict[str, Any]) -> VisionTransformer:
     )
 
 
-def _load_weights(vit: VisionTransformer, state: dict[str, torch.Tensor], shown: str) -> None:
-    expected = vit.state_dict()
+def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], shown: str, what: str = "a timm ViT") -> None:
+    expected = net.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise EncoderError(
-            f"{shown}: its encoder does not match a timm ViT of the inferred architecture: missing keys "
+            f"{shown}: its encoder does not match {what} of the inferred architecture: missing keys "
             f"{missing[:8] or 'none'}, unexpected keys {unexpected[:8] or 'none'}"
         )
     wrong = [
@@ -357,17 +382,26 @@ def _load_weights(vit: VisionTransformer, state: dict[str, torch.Tensor], shown:
         if v.shape != expected[k].shape
     ]
     if wrong:
-        raise EncoderError(f"{shown}: tensors of the wrong shape for the inferred ViT: {', '.join(wrong[:6])}")
-    vit.load_state_dict(state, strict=True)
+        raise EncoderError(f"{shown}: tensors of the wrong shape for {what}: {', '.join(wrong[:6])}")
+    net.load_state_dict(state, strict=True)
 
 
-def _random_vit(arch: dict[str, Any], seed: int, shown: str) -> VisionTransformer:
-    """A fresh encoder initialised exactly as :class:`~magma_composer.models.ComposerMAE` initialises its own."""
+def _random_vit(arch: dict[str, Any], seed: int, shown: str, method: str | None = None) -> VisionTransformer:
+    """A fresh encoder initialised exactly as the model that trained it initialised its own:
+    :class:`~magma_composer.models.ComposerMAE` by default, the two-view models' backbone for ``method`` ``'simclr'``
+    or ``'vicreg'``."""
     from magma_composer.models.mae import MaskedAutoencoder
+    from magma_composer.models.two_view import build_backbone
 
     sizes = {k: arch[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if method in _TWO_VIEW_METHODS:
+            try:
+                vit, _ = build_backbone(sizes, arch["img_size"], arch["patch_size"], arch["in_chans"])
+            except OptionError as exc:
+                raise EncoderError(f"{shown}: no {method} initialisation for this architecture ({exc})") from None
+            return vit
         try:  # the smallest valid decoder: only the encoder is kept
             mae = MaskedAutoencoder(
                 encoder=sizes,
@@ -385,20 +419,60 @@ def _random_vit(arch: dict[str, Any], seed: int, shown: str) -> VisionTransforme
     return vit
 
 
+_TWO_VIEW_METHODS = ("simclr", "vicreg")
+
+
+def _build_cnn(record: dict[str, Any], shown: str) -> nn.Module:
+    """The timm CNN a record describes, freshly initialised (:func:`~magma_composer.models.two_view.build_backbone`)."""
+    from magma_composer.models.two_view import build_backbone
+
+    types_ = {"timm_model": str, "in_chans": int, "img_size": int, "cifar_stem": bool}
+    # bool is an int to Python: an integer entry must not be a bool, cifar_stem must be one
+    bad = [
+        k for k, t in types_.items() if not isinstance(record.get(k), t) or (t is int and isinstance(record[k], bool))
+    ]
+    if bad:
+        raise EncoderError(
+            f"{shown}: its CNN record {record!r} is incomplete: {', '.join(bad)} missing or of the wrong type "
+            f"(expected {', '.join(f'{k}: {t.__name__}' for k, t in types_.items())})"
+        )
+    try:
+        net, _ = build_backbone(
+            record["timm_model"], record["img_size"], None, record["in_chans"], record["cifar_stem"]
+        )
+    except OptionError as exc:
+        raise EncoderError(f"{shown}: its recorded encoder {record!r} cannot be rebuilt: {exc}") from None
+    return net
+
+
+def _cnn_state(raw_state: dict[str, Any], fmt: str, shown: str) -> dict[str, torch.Tensor]:
+    """The CNN encoder's tensors: below ``encoder.`` (or ``module.encoder.``) in a Composer checkpoint, the whole
+    state dict of an exported file."""
+    if fmt == "composer":
+        prefix = "module.encoder." if any(str(k).startswith("module.encoder.") for k in raw_state) else "encoder."
+        state = {k[len(prefix) :]: v for k, v in raw_state.items() if isinstance(k, str) and k.startswith(prefix)}
+    else:
+        state = {k: v for k, v in raw_state.items() if not str(k).endswith("_extra_state")}
+    if not state:
+        raise EncoderError(f"{shown}: its record names a CNN encoder, but it holds no 'encoder.*' tensors")
+    return state
+
+
 # ---------------------------------------------------------------------------------------------------- records
-def _composer_record(state: dict[str, Any], checkpoint: dict[str, Any]) -> tuple[dict | None, dict | None]:
-    """The architecture in the model's extra state and the PCA-masking basis reference, if recorded."""
-    record = None
+def _composer_record(state: dict[str, Any], checkpoint: dict[str, Any]) -> tuple[dict | None, dict | None, str | None]:
+    """The architecture in the model's extra state, the PCA-masking basis reference and the training method
+    (``'simclr'``, ``'vicreg'``; ``None`` for the MAE), if recorded."""
+    record, method = None, None
     for key, value in state.items():
         if isinstance(key, str) and key.removeprefix("module.") == "_extra_state" and isinstance(value, dict):
-            record = value.get("encoder")
+            record, method = value.get("encoder"), value.get("method")
     basis = None
     algorithms = checkpoint.get("algorithms") or []
     for item in algorithms:
         if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], dict):
             if item[1].get("basis_sha256"):
                 basis = item[1]
-    return record, basis
+    return record, basis, method
 
 
 def _sidecar_record(path: Path, shown: str, digest: str) -> dict | None:
@@ -454,24 +528,27 @@ def load_encoder(
     weights: str = "checkpoint",
     seed: int = 0,
 ) -> LoadedEncoder:
-    """Reads a ViT encoder from a checkpoint file (the recipe's ``encoder:`` section).
+    """Reads an encoder from a checkpoint file (the recipe's ``encoder:`` section): a ViT, or the CNN of a SimCLR /
+    VICReg run.
 
     Args:
-        path (str): the file: a Composer checkpoint of ours, a timm state dict (``.pt``/``.pth``/``.bin`` or
-            ``.safetensors``) or an MAE ``mae_pretrain_vit_*.pth``. Required with ``weights='random'`` too: the
-            architecture of the random encoder is the file's, so the baseline matches the encoder it is compared with.
+        path (str): the file: a Composer checkpoint of ours (MAE, SimCLR, VICReg), a timm state dict
+            (``.pt``/``.pth``/``.bin`` or ``.safetensors``) or an MAE ``mae_pretrain_vit_*.pth``. Required with
+            ``weights='random'`` too: the architecture of the random encoder is the file's, so the baseline matches
+            the encoder it is compared with.
         format (str): ``'auto'`` (detected from the content), ``'composer'``, ``'timm'`` or ``'mae'``.
         num_heads (int, optional): attention heads, needed only when the file records none and its width is not a
-            standard timm width; refused when it contradicts the file's record.
+            standard timm width; refused when it contradicts the file's record, and for a CNN.
         basis (str, optional): the PCA basis file of an encoder trained with PCA masking (PMAE): its per-pixel
             standardisation becomes ``prepare`` and the data must then be raw pixels (``normalize: none``). A
             Composer checkpoint of such a run requires it (and the same basis).
-        weights (str): ``'checkpoint'``, or ``'random'``: the file's architecture with a fresh MAE initialisation
-            seeded by ``seed`` (the random-initialisation baseline).
+        weights (str): ``'checkpoint'``, or ``'random'``: the file's architecture freshly initialised as its model
+            initialises it (the MAE's, or a SimCLR / VICReg backbone's: timm's), seeded by ``seed`` (the
+            random-initialisation baseline).
         seed (int): the seed of ``weights='random'``.
 
     Returns:
-        LoadedEncoder: the ViT (eval mode, CPU) and what evaluating it needs.
+        LoadedEncoder: the encoder (eval mode, CPU) and what evaluating it needs.
 
     Raises:
         OptionError: a bad option value (unknown format, num_heads < 1, a basis that does not fit).
@@ -504,12 +581,19 @@ def load_encoder(
             f"written ({expected[:16]}..., in {file.resolve()}.sha256); use another checkpoint"
         )
     fmt, raw_state, checkpoint = _unpack(_read_file(file, shown), format, shown)
-    state = map_encoder_keys(raw_state, shown)
     if fmt == "composer":
-        record, basis_record = _composer_record(raw_state, checkpoint)
+        record, basis_record, method = _composer_record(raw_state, checkpoint)
     else:
-        record, basis_record = _sidecar_record(file, shown, digest), None
-    arch = infer_architecture(state, shown, record, num_heads)
+        record, basis_record, method = _sidecar_record(file, shown, digest), None, None
+    kind = "cnn" if isinstance(record, dict) and "timm_model" in record else "vit"
+    if kind == "cnn":
+        if num_heads is not None:
+            raise OptionError("num_heads", f"applies to ViT encoders; {shown} holds a {record.get('timm_model')!r}")
+        state = _cnn_state(raw_state, fmt, shown)
+        arch = {k: record.get(k) for k in CNN_ARCH_KEYS}
+    else:
+        state = map_encoder_keys(raw_state, shown)
+        arch = infer_architecture(state, shown, record, num_heads)
 
     prepare, basis_sha, normalize = None, None, "imagenet"
     if basis_record is not None and basis is None:
@@ -529,15 +613,26 @@ def load_encoder(
             )
 
     if weights == "checkpoint":
-        vit = _build_vit(arch)
-        _load_weights(vit, state, shown)
+        if kind == "cnn":
+            net = _build_cnn(arch, shown)
+            _load_weights(net, state, shown, f"a timm {arch['timm_model']}")
+        else:
+            net = _build_vit(arch)
+            _load_weights(net, state, shown)
     else:
-        vit = _random_vit(arch, seed, shown)
-        identity = json.dumps({"weights": "random", "seed": seed, "arch": arch}, sort_keys=True)
-        digest = hashlib.sha256(identity.encode()).hexdigest()
-    vit.eval()
+        if kind == "cnn":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                net = _build_cnn(arch, shown)
+        else:
+            net = _random_vit(arch, seed, shown, method)
+        identity = {"weights": "random", "seed": seed, "arch": arch}
+        if method in _TWO_VIEW_METHODS:  # another initialisation than the MAE's: another baseline
+            identity["init"] = method
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    net.eval()
     return LoadedEncoder(
-        vit=vit,
+        net=net,
         source=path,
         format=fmt,
         sha256=digest,
@@ -546,4 +641,5 @@ def load_encoder(
         normalize=normalize,
         weights=weights,
         basis_sha256=basis_sha,
+        kind=kind,
     )

@@ -2,7 +2,8 @@
 
 * :func:`encode` runs a timm ViT on whole images (nothing masked) and pools the tokens after its final norm: the
   CLS token (``'cls'``, the papers' feature; the same numbers as ``ComposerMAE.extract_features``) or the mean of
-  the patch tokens (``'mean'``).
+  the patch tokens (``'mean'``). A CNN encoder (a SimCLR / VICReg ResNet) gives its pooled output (``'mean'``, the
+  same numbers as the two-view models' ``extract_features``); it has no CLS token.
 * :func:`extract_features` encodes a loader's ``(images, labels, indices)`` batches. On several ranks each encodes
   its share, the shares are gathered, and samples are deduplicated and sorted by index: the result is the same on
   one rank or N (a distributed sampler's padding repeats samples; they appear once).
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 from tqdm import tqdm
 
 from magma_composer.evaluate.encoders import LoadedEncoder
@@ -54,23 +56,38 @@ _GATHER_ROWS = 65536  # rows per all-gather: bounds the accelerator memory a gat
 
 
 def encode(
-    vit: VisionTransformer,
+    vit: nn.Module,
     images: torch.Tensor,
     pool: str = "cls",
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``B x D`` features of whole images: the ViT's tokens after its final norm, pooled.
+    """``B x D`` features of whole images: the ViT's tokens after its final norm, pooled; a CNN's pooled output.
 
     Args:
-        vit (VisionTransformer): a timm ViT with one CLS token.
-        images (torch.Tensor): ``B x C x H x W`` data-set images (on the ViT's device).
-        pool (str): ``'cls'``: the CLS token; ``'mean'``: the mean of the patch tokens (prefix tokens excluded).
+        vit (nn.Module): a timm ViT with one CLS token, or a timm CNN without classifier (``num_classes=0``, whose
+            forward is the pooled output).
+        images (torch.Tensor): ``B x C x H x W`` data-set images (on the encoder's device).
+        pool (str): ``'cls'``: the CLS token; ``'mean'``: the mean of the patch tokens (prefix tokens excluded), for
+            a CNN its global average pooled output.
         prepare (Callable, optional): applied to ``images`` first (a PCA basis's standardisation).
 
     Raises:
         ValueError: the images' shape is not the one the encoder takes.
+        OptionError: ``pool='cls'`` for a CNN.
     """
     check_choice("pool", pool, POOLS)
+    if not isinstance(vit, VisionTransformer):
+        if pool == "cls":
+            raise OptionError(
+                "pool",
+                f"'cls' needs a ViT's CLS token; this encoder ({type(vit).__name__}) has none: set pool: mean (its "
+                "global average pooled output)",
+            )
+        conv = next((m for m in vit.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = conv.in_channels if conv is not None else images.shape[1]
+        if images.dim() != 4 or images.shape[1] != channels:
+            raise ValueError(f"the encoder takes B x {channels} x H x W images, got {tuple(images.shape)}")
+        return vit(images if prepare is None else prepare(images))
     expected = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(expected):
         raise ValueError(
@@ -320,7 +337,7 @@ class FeatureOptions:
 
     Args:
         pool (str): ``'cls'`` (the CLS token after the final norm, the papers' default) or ``'mean'`` (the mean of
-            the patch tokens).
+            the patch tokens; a CNN encoder's pooled output: a CNN needs ``'mean'``).
         cache (bool): keep features on disk (keyed by the encoder's hash and the data) and reuse them.
         cache_dir (str, optional): the cache folder; default ``$XDG_CACHE_HOME/magma_composer/features``.
         precision (str, optional): ``'fp32'``, ``'amp_bf16'`` or ``'amp_fp16'``; default ``amp_bf16`` on a GPU,
