@@ -272,7 +272,7 @@ INJECTED: dict[str, tuple[str, ...]] = {
     ),
     "optimizer": ("model", "global_batch"),
     "scheduler": (),
-    "callbacks": ("train_loader", "test_loader", "normalize", "pixel_stats"),
+    "callbacks": ("train_loader", "test_loader", "normalize"),
 }
 INJECTED["eval_data"] = INJECTED["train_data"]
 
