@@ -235,15 +235,15 @@ def export_encoder(model: torch.nn.Module, path: str) -> str:
     """Writes the encoder's timm state dict, atomically, with ``<path>.sha256`` and ``<path>.json`` beside it.
 
     Load it with ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(path))``, or with
-    :func:`magma_composer.evaluate.encoders.load_encoder`, which rebuilds the ViT from ``<path>.json``: the
-    encoder's architecture (:func:`~magma_composer.models.mae.encoder_architecture`, whose ``num_heads`` no tensor
-    shape shows) and the file's sha256, so a sidecar left beside another file is recognised. Tensors are moved to
-    the CPU first, so the file loads on a machine without the training accelerator. An ``s3://`` path is written
-    locally first and uploaded with its hash file and sidecar.
+    :func:`magma_composer.evaluate.encoders.load_encoder`, which rebuilds the encoder from ``<path>.json``: the
+    encoder's architecture (a ViT's sizes, :func:`~magma_composer.models.mae.encoder_architecture`, whose ``num_heads``
+    no tensor shape shows; a CNN's timm name and stem) and the file's sha256, so a sidecar left beside another
+    file is recognised. Tensors are moved to the CPU first, so the file loads on a machine without the training
+    accelerator. An ``s3://`` path is written locally first and uploaded with its hash file and sidecar.
 
     Args:
-        model (torch.nn.Module): a :class:`~magma_composer.models.ComposerMAE` (or a wrapper with ``.module``)
-            whose ``encoder`` is a timm ViT.
+        model (torch.nn.Module): a :class:`~magma_composer.models.ComposerMAE`, ``ComposerSimCLR`` or
+            ``ComposerVICReg`` (or a wrapper with ``.module``); another model whose ``encoder`` is a timm ViT.
         path (str): the output file (check it first with :func:`check_output_file`).
 
     Returns:
@@ -253,7 +253,11 @@ def export_encoder(model: torch.nn.Module, path: str) -> str:
 
     net = getattr(model, "module", model)
     state = {name: tensor.detach().cpu() for name, tensor in net.encoder.state_dict().items()}
-    architecture = encoder_architecture(net.encoder)
+    # the models of this package record their encoder (a ViT's sizes, a CNN's timm name) in their extra state
+    extra = net.get_extra_state() if hasattr(net, "get_extra_state") else None
+    architecture = extra.get("encoder") if isinstance(extra, dict) else None
+    if architecture is None:
+        architecture = encoder_architecture(net.encoder)
 
     def sidecar(digest: str) -> bytes:
         record = {"format": ENCODER_SIDECAR_FORMAT, "sha256": digest, "architecture": architecture}

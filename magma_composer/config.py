@@ -191,11 +191,6 @@ class TrainConfig:
                 f"callbacks.reconstruction_images: model {name!r} ({model_class.__name__}) reconstructs no images "
                 "(only the MAE does); remove the callback"
             )
-        if "online_probe" in self.callbacks and two_views:
-            raise ConfigError(
-                f"callbacks.online_probe: trains on the training batches' images, which are pairs of views for "
-                f"model {name!r}; not supported yet: use knn_monitor (linear_probe: true) to follow the encoder"
-            )
 
 
 def check_run_keys(cfg: Any, time_keys: tuple[str, ...]) -> None:
@@ -272,7 +267,7 @@ INJECTED: dict[str, tuple[str, ...]] = {
     ),
     "optimizer": ("model", "global_batch"),
     "scheduler": (),
-    "callbacks": ("train_loader", "test_loader", "normalize"),
+    "callbacks": ("train_loader", "test_loader", "normalize", "pixel_stats"),
 }
 INJECTED["eval_data"] = INJECTED["train_data"]
 

@@ -278,6 +278,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             "train_loader": bank_loader,
             "test_loader": eval_loader,
             "normalize": (cfg.eval_data or cfg.train_data).get("normalize", "imagenet"),
+            "pixel_stats": (cfg.eval_data or cfg.train_data).get("pixel_stats"),
         }
         callbacks = build_components("callbacks", cfg.callbacks, registry.CALLBACKS, available)
         if save_folder is not None:

@@ -464,7 +464,6 @@ def base_ssl(**overrides) -> dict:
             lambda r: r.update(callbacks={"reconstruction_images": {}}),
             "callbacks.reconstruction_images: model 'simclr'",
         ),
-        (lambda r: r.update(callbacks={"online_probe": {"num_classes": 10}}), "callbacks.online_probe: trains on the"),
         (lambda r: r.update(device_train_microbatch_size=8), "device_train_microbatch_size: 8, but the loss of model"),
         (lambda r: r.update(device_train_microbatch_size="auto"), "device_train_microbatch_size: 'auto', but the loss"),
     ],
@@ -528,3 +527,34 @@ def test_classifier_on_a_cnn_encoder():
             EncoderClassifier(timm.create_model("resnet18", num_classes=0), num_classes=10, **options)
     with pytest.raises(OptionError, match="expected a headless encoder"):
         EncoderClassifier(timm.create_model("resnet18", num_classes=5), num_classes=10, pool="mean")
+
+
+def test_online_probe_reads_the_first_view_of_two_view_batches(demo_mds):
+    """The online probe trains on view 1 of a two-view run (the view the regularisers read) and reports accuracy."""
+    recipe = ssl_recipe(
+        demo_mds,
+        max_duration="4ba",
+        callbacks={"online_probe": {"num_classes": 10, "interval": "2ba"}},
+        loggers={"in_memory": {}},
+        eval_data={"remote": str(demo_mds), "split": "test", "batch_size": 40, "num_workers": 0},
+        eval_interval="4ba",
+    )
+    trainer = build_trainer(validate(recipe))
+    seen = []
+    probe = next(c for c in trainer.state.callbacks if type(c).__name__ == "OnlineLinearProbe")
+    original = probe._features
+
+    def spy(state, images, device):
+        if len(images) == 16:  # a training batch (the test loader's batches hold 40)
+            seen.append((tuple(images.shape), images.clone(), state.batch[0][:, 0].clone()))
+        return original(state, images, device)
+
+    probe._features = spy
+    trainer.fit()
+    logged = next(d for d in trainer.logger.destinations if type(d).__name__ == "InMemoryLogger").data
+    trainer.close()
+    assert len(seen) == 4
+    for shape, images, first_view in seen:
+        assert shape[1:] == (3, 32, 32)
+        assert torch.equal(images, first_view)
+    assert {"online_probe/train_top1", "online_probe/test_top1"} <= set(logged), sorted(logged)

@@ -226,3 +226,34 @@ def test_optimizer_options_are_checked_by_build_optimizer(options, message):
 
     with pytest.raises(OptionError, match=message):
         build_optimizer(TwoLayers(), 256, **options)
+
+
+def test_callbacks_get_the_datas_pixel_statistics(demo_mds, tmp_path):
+    """With normalize: pixel the pictures callback is given the data's statistics file and un-normalises with it."""
+    from tests.test_pixel_normalize import write_stats
+
+    stats = tmp_path / "stats.pt"
+    mean, std = write_stats(stats)
+    data = {
+        "remote": str(demo_mds),
+        "batch_size": 16,
+        "num_workers": 0,
+        "normalize": "pixel",
+        "pixel_stats": str(stats),
+    }
+    recipe = tiny_recipe(
+        demo_mds,
+        train_data={**data, "split": "train"},
+        eval_data={**data, "split": "test"},
+        callbacks={"reconstruction_images": {"folder": str(tmp_path / "pictures"), "num_images": 2}},
+        max_duration="1ba",
+    )
+    trainer = build_trainer(validate(recipe))
+    pictures = next(cb for cb in trainer.state.callbacks if type(cb).__name__ == "ReconstructionImages")
+    assert (pictures.normalize, pictures.pixel_stats) == ("pixel", str(stats))
+    trainer.fit()
+    assert (tmp_path / "pictures" / "reconstruction-final.png").stat().st_size > 0
+    # the original row is back in [0, 1]: the images un-normalised with the file's mean and std
+    images = pictures._fixed_images()
+    torch.testing.assert_close(pictures._pixel.invert(images), images * std.float() + mean.float())
+    trainer.close()

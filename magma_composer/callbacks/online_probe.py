@@ -62,7 +62,9 @@ def online_probe_step(
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], torch.as_tensor(batch[1])
+        images = batch[0]
+        # a two-view batch (B x 2 x C x S x S): the probe reads the first view, as the regularisers do
+        return (images[:, 0] if images.dim() == 5 else images), torch.as_tensor(batch[1])
     raise TypeError(
         f"OnlineLinearProbe needs (images, labels) batches, got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")

@@ -179,9 +179,12 @@ def _data_options(section: str, options: dict, encoder: Any) -> dict:
     size = encoder.arch["img_size"]
     given = options.get("image_size")
     if given is not None and given != size:
+        patch = encoder.arch.get("patch_size")
+        why = (
+            f"its position embeddings cover {size // patch} x {size // patch} patches" if patch else "its training size"
+        )
         raise ConfigError(
-            f"{section}.image_size: {given}, but the encoder takes {size} x {size} images (its position embeddings "
-            f"cover {size // encoder.arch['patch_size']} x {size // encoder.arch['patch_size']} patches); "
+            f"{section}.image_size: {given}, but the encoder takes {size} x {size} images ({why}); "
             f"set {section}.image_size={size} or leave it out"
         )
     normalize = options.get("normalize", "imagenet")
@@ -362,7 +365,12 @@ def _trainer_protocol(
         "callbacks",
         cfg.callbacks,
         registry.CALLBACKS,
-        {"train_loader": None, "test_loader": test_loader, "normalize": cfg.test_data.get("normalize", "imagenet")},
+        {
+            "train_loader": None,
+            "test_loader": test_loader,
+            "normalize": cfg.test_data.get("normalize", "imagenet"),
+            "pixel_stats": cfg.test_data.get("pixel_stats"),
+        },
     )
     metrics = build_section(
         "trainer",
