@@ -9,6 +9,7 @@ from PIL import Image
 
 from magma_composer.data import StreamingImageDataset, eval_transform, train_transform
 from magma_composer.data.demo import CLASSES, render, write_demo_dataset
+from magma_composer.options import OptionError
 
 
 def test_dataset_train_and_eval_views(demo_mds, tmp_path):
@@ -104,3 +105,15 @@ def test_augmentation_options_refused(demo_mds, options, key):
     with pytest.raises(OptionError) as info:
         StreamingImageDataset(str(demo_mds), split="train", image_size=32, batch_size=8, **options)[0]
     assert info.value.key == key
+
+
+def test_a_training_split_smaller_than_one_batch_is_refused(demo_mds):
+    """With drop_last no batch would ever be complete: every epoch empty, a run in batches endless."""
+    from magma_composer.data.loader import build_image_dataloader
+
+    with pytest.raises(OptionError, match=r"batch_size: 200, but this data set gives 160 samples per epoch"):
+        build_image_dataloader(200, num_workers=0, remote=str(demo_mds), split="train", image_size=32)
+    loader = build_image_dataloader(
+        200, num_workers=0, drop_last=False, remote=str(demo_mds), split="train", image_size=32
+    )
+    assert [len(images) for images, _ in loader] == [160]

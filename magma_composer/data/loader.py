@@ -42,13 +42,23 @@ def build_image_dataloader(
     if persistent_workers and num_workers == 0:
         raise OptionError("persistent_workers", "true needs num_workers > 0 (there are no workers to keep)")
     dataset = StreamingImageDataset(batch_size=batch_size, train=train, **dataset_options)
+    drop_last = train if drop_last is None else drop_last
+    per_rank = len(dataset)  # this rank's samples per epoch
+    if drop_last and per_rank < batch_size:
+        # no complete batch: every epoch would be empty, and a run measured in batches would never end
+        raise OptionError(
+            "batch_size",
+            f"{batch_size}, but this data set gives {per_rank} samples per epoch to each rank ({dataset.size} in "
+            f"{dataset_options.get('split') or 'the data set'}), so with drop_last no batch is ever complete: "
+            f"lower batch_size to at most {per_rank}, or set drop_last: false",
+        )
     from streaming import StreamingDataLoader
 
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
-        drop_last=train if drop_last is None else drop_last,
+        drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
     )
