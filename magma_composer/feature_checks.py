@@ -1,4 +1,5 @@
-"""Checks of the feature tensors that the batch-wide losses (``magma_loss``, ``uniformity_loss``) take.
+"""Checks of the feature tensors that the batch-wide losses (``magma_loss``, ``uniformity_loss``, and the two-view
+losses' dtype check) take.
 
 Both losses refuse non-float features with a ``TypeError`` and take ``check_finite``:
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_feature_dtype", "require_within_range", "within_range"]
+__all__ = ["check_feature_dtype", "compute_dtype", "require_within_range", "within_range"]
 
 
 def check_feature_dtype(fn: str, name: str, features: Any) -> None:
@@ -66,3 +67,8 @@ def require_within_range(fn: str, name: str, features: torch.Tensor, limit: floa
         f"{fn}: {name} holds values up to {top:.3g}, above {limit:.3g}, the largest for which the term cannot "
         f"overflow {features.dtype}; pass float64 features, or check_finite=False to skip such a term"
     )
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float64 if any input is float64, else float32 (half precision is upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

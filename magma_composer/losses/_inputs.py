@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+from magma_composer.feature_checks import check_feature_dtype, compute_dtype
+
+__all__ = ["check_nonnegative", "check_pair", "compute_dtype"]
 
 
 def check_pair(fn: str, z1: Any, z2: Any) -> None:
@@ -16,13 +18,7 @@ def check_pair(fn: str, z1: Any, z2: Any) -> None:
         ValueError: a shape is not ``B x D``, the shapes differ, ``B < 2`` or ``D < 1``.
     """
     for name, z in (("z1", z1), ("z2", z2)):
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(z).__name__}")
-        if not z.is_floating_point():
-            raise TypeError(
-                f"{fn}: {name} must hold real floating-point embeddings (float16, bfloat16, float32 or float64), "
-                f"got dtype {z.dtype}"
-            )
+        check_feature_dtype(fn, name, z)
         if z.dim() != 2:
             raise ValueError(f"{fn}: {name} must be B x D (one embedding per row), got shape {tuple(z.shape)}")
     if z1.shape != z2.shape:
@@ -42,8 +38,3 @@ def check_nonnegative(fn: str, name: str, value: Any, positive: bool = False) ->
     if bad or value < 0 or (positive and value == 0):
         raise ValueError(f"{fn}: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half-precision inputs are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -12,9 +12,9 @@ from typing import Any, NamedTuple, Union
 
 import torch
 
-from magma_composer.algorithms.feature_checks import check_feature_dtype, require_within_range, within_range
 from magma_composer.algorithms.tap_regularizer import TapRegularizer, TermRecord
 from magma_composer.distributed import all_gather_with_grad
+from magma_composer.feature_checks import check_feature_dtype, compute_dtype, require_within_range, within_range
 from magma_composer.models.taps import FeatureTap
 from magma_composer.options import OptionError, check_number
 from magma_composer.schedules import WeightSchedule
@@ -42,11 +42,6 @@ def _check_positive(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
     return float(value)
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half-precision inputs are upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _magma_limits(dtype: torch.dtype, b: int, d_x: int, d_y: int, eps: float) -> tuple[float, float]:
@@ -126,7 +121,7 @@ def magma_loss(
     eps = _check_positive(eps, "eps")
     if gamma is not None:
         gamma = _check_positive(gamma, "gamma")
-    dtype = _compute_dtype(reference, target)
+    dtype = compute_dtype(reference, target)
     device = target.device
     b = target.shape[0]
     limit_x, limit_y = _magma_limits(dtype, max(b, 1), reference.shape[1], target.shape[1], eps)

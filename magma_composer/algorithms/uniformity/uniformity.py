@@ -13,9 +13,9 @@ from typing import Any, NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
-from magma_composer.algorithms.feature_checks import check_feature_dtype, require_within_range, within_range
 from magma_composer.algorithms.tap_regularizer import TapRegularizer, TermRecord
 from magma_composer.distributed import all_gather_with_grad
+from magma_composer.feature_checks import check_feature_dtype, require_within_range, within_range
 from magma_composer.models.taps import FeatureTap
 from magma_composer.schedules import WeightSchedule
 
