@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from composer import Trainer
+from composer import Callback, Trainer
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, get_device, reproducibility
 
@@ -208,6 +208,23 @@ _NEEDS = {
 }
 
 
+class ReleaseData(Callback):
+    """Frees the shared memory of the run's data sets when the Trainer is closed.
+
+    streaming keeps a data set's shared memory until the process exits, and every new data set opens that of the
+    earlier ones: a process that builds Trainer after Trainer (a notebook, a sweep, a test suite) would run out of
+    file descriptors. Loaders built later (the kNN bank) are in the same list, so they are freed too.
+    """
+
+    def __init__(self, loaders: list[Any]) -> None:
+        self.loaders = loaders
+
+    def close(self, state: Any, logger: Any) -> None:
+        for loader in self.loaders:
+            loader.dataset.release()
+        self.loaders.clear()
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Builds the model, data, optimizer, schedule, algorithms, callbacks and loggers, then the Trainer.
 
@@ -283,6 +300,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         callbacks = build_components("callbacks", cfg.callbacks, registry.CALLBACKS, available)
         if save_folder is not None:
             callbacks.append(CheckpointHashes())
+        callbacks.append(ReleaseData(loaders))
 
         if device == "cpu":
             torch.set_num_threads(cpu_threads(cfg))

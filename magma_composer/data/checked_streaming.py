@@ -20,6 +20,7 @@ readers, partitioning, shuffling, resumption state and cache accounting, and rep
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import logging
 import os
@@ -48,6 +49,16 @@ log = logging.getLogger(__name__)
 # plain ints: comparing a shared-memory uint8 with the IntEnum is slow (docs/benchmarks.md, data pipeline)
 _LOCAL, _REMOTE, _PREPARING = int(_ShardState.LOCAL), int(_ShardState.REMOTE), int(_ShardState.PREPARING)
 _OPEN_SHARDS = 8  # file descriptors kept open per loader worker
+#: the attributes of a streaming data set that hold its shared memory or views into it
+_SHARED_ATTRIBUTES = (
+    "_locals_shm",
+    "_resume_shm",
+    "_shared_barrier",
+    "_next_epoch",
+    "_cache_usage",
+    "_shard_states",
+    "_shard_access_times",
+)
 _BOTO_ATTEMPTS = 3  # attempts per request inside one streaming download attempt
 
 
@@ -179,6 +190,58 @@ def _explain_shard_error(error: BaseException, remote: str | None, local: str, b
     return f"cannot prepare shard {basename} of {remote or local} (after retries): {type(error).__name__}: {error}"
 
 
+#: shared memory that could not be closed at its data set's release because a view of it was alive
+_PENDING: list[Any] = []
+
+
+def _free(shm: Any) -> bool:
+    """Closes (and unlinks, if this process made it) one streaming shared memory; False while a view is alive, in
+    which case it stays registered to be freed at exit."""
+    atexit.unregister(shm.cleanup)
+    try:
+        shm.cleanup()
+    except BufferError:
+        atexit.register(shm.cleanup)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _closing_prefix_probes() -> Iterator[None]:
+    """Closes the shared memory that streaming's prefix search opens while a data set is made.
+
+    To pick a free prefix, streaming opens the shared memory of every live data set in the process and never closes
+    it (it stays registered until exit): a process that makes data set after data set (a notebook, a sweep, a test
+    suite) would run out of file descriptors. Only the search's probes are closed; what the data set keeps is not.
+    """
+    from streaming.base.shared import prefix
+
+    search = prefix._check_and_find
+    opened: list[Any] = []
+
+    def probing_search(*args: Any, **kwargs: Any) -> Any:
+        original = prefix.SharedMemory
+
+        def probe(*a: Any, **k: Any) -> Any:
+            shm = original(*a, **k)
+            opened.append(shm)
+            return shm
+
+        prefix.SharedMemory = probe
+        try:
+            return search(*args, **kwargs)
+        finally:
+            prefix.SharedMemory = original
+
+    prefix._check_and_find = probing_search
+    try:
+        yield
+    finally:
+        prefix._check_and_find = search
+        for shm in opened:
+            _free(shm)
+
+
 class CheckedStreamingDataset(StreamingDataset):
     """A :class:`streaming.StreamingDataset` that checks its data set first, fails loudly and never hangs.
 
@@ -246,7 +309,8 @@ class CheckedStreamingDataset(StreamingDataset):
                 validate_hash = "xxh64" if "xxh64" in hashes else (hashes[0] if hashes else None)
         elif validate_hash == "auto":
             validate_hash = None
-        super().__init__(*args, validate_hash=validate_hash, **kwargs)
+        with _closing_prefix_probes():
+            super().__init__(*args, validate_hash=validate_hash, **kwargs)
         for stream in self.streams:
             if stream.remote is not None and str(stream.remote).startswith("s3://"):
                 stream._downloader = _BoundedS3Downloader()
@@ -275,16 +339,16 @@ class CheckedStreamingDataset(StreamingDataset):
         shms.append(barrier._arr.shm if barrier is not None else None)
         shms += [getattr(self.__dict__.get(n), "arr", None) for n in ("_next_epoch", "_cache_usage")]
         shms += [self.__dict__.get(n) for n in ("_shard_states", "_shard_access_times")]
+        shms = [shm.shm if isinstance(shm, SharedArray) else shm for shm in shms]
         self._close_files()
-        for shm in shms:
-            shm = shm.shm if isinstance(shm, SharedArray) else shm
-            if shm is None:
-                continue
-            atexit.unregister(shm.cleanup)
-            try:
-                shm.cleanup()
-            except BufferError:  # a view of it is still alive: it is freed at exit instead
-                atexit.register(shm.cleanup)
+        # the NumPy views into the memory live in these attributes: while one is alive the memory cannot be closed
+        for name in _SHARED_ATTRIBUTES:
+            self.__dict__.pop(name, None)
+        barrier = None
+        # memory that a still-alive view kept open at an earlier release (e.g. a Trainer's loader iterator) is
+        # usually free now
+        _PENDING[:] = [shm for shm in _PENDING if not _free(shm)]
+        _PENDING.extend(shm for shm in shms if shm is not None and not _free(shm))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
