@@ -16,7 +16,8 @@ class Record(Callback):
 
     def after_loss(self, state, logger):
         images, labels = state.batch
-        fingerprints = images.double().flatten(1).sum(1).tolist()
+        # one number per image (per view of a two-view batch B x 2 x C x H x W)
+        fingerprints = images.double().flatten(images.dim() - 3).sum(-1).tolist()
         self.rows.append(
             {
                 "batch": int(state.timestamp.batch),
