@@ -43,7 +43,6 @@ from magma_composer.options import OptionError, check_choice, check_number
 __all__ = [
     "OPTIMIZERS",
     "build_components",
-    "check_exportable",
     "build_optimizer",
     "build_scheduler",
     "build_trainer",
@@ -265,8 +264,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         if check_model is not None:
             build_section(f"algorithms.{name}", check_model, model)
     build_section("save_folder", guard_run, save_folder, run_name, cfg.autoresume, bool(cfg.save_overwrite), model)
-    if cfg.export_encoder is not None:
-        build_section("export_encoder", check_exportable, model)
     global_batch = cfg.train_data.get("batch_size", 0) * dist.get_world_size()
     optimizer = build_section("optimizer", build_optimizer, model, global_batch, **cfg.optimizer)
     scheduler = build_section("scheduler", build_scheduler, **cfg.scheduler)
@@ -346,32 +343,6 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         for loader in loaders:  # a failed build leaves no shared memory behind (streaming would keep it until exit)
             loader.dataset.release()
         raise
-
-
-def check_exportable(model: torch.nn.Module) -> None:
-    """Refuses, before training, a model whose encoder :func:`~magma_composer.checkpoints.export_encoder` cannot
-    write (it runs after training): a ViT encoder is known to export; any other is exported once, untrained, to a
-    temporary folder.
-
-    Raises:
-        ValueError: naming the encoder and what to do instead.
-    """
-    import tempfile
-
-    from timm.models.vision_transformer import VisionTransformer
-
-    encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, VisionTransformer):
-        return
-    with tempfile.TemporaryDirectory(prefix="magma-export-check-") as tmp:
-        try:
-            export_encoder(model, os.path.join(tmp, "encoder.pt"))
-        except Exception as exc:  # whatever the exporter fails with, the run would fail after training
-            raise ValueError(
-                f"cannot write this model's encoder ({type(encoder).__name__}): {type(exc).__name__}: {exc}; drop "
-                "export_encoder and evaluate the checkpoint itself (python -m magma_composer.evaluate ... "
-                "encoder.path=CHECKPOINT)"
-            ) from None
 
 
 def cpu_threads(cfg: TrainConfig) -> int:
