@@ -217,3 +217,18 @@ def test_recipe_reader_accepts_views(demo_mds):
     assert checked["views"] == views
     loader = owner(**checked, image_size=32, num_workers=0)
     assert loader.dataset.transform.settings[1].blur_prob == 0.1 and loader.dataset.views == views
+
+
+@pytest.mark.parametrize("kernel, side", [(23, 224), (5, 32)])
+def test_separable_blur_equals_torchvisions(kernel, side):
+    """The two 1-D passes equal torchvision's GaussianBlur with the same sigma draw and kernel."""
+    from torchvision.transforms import GaussianBlur
+
+    from magma_composer.data.views import _GaussianBlur
+
+    x = torch.rand(3, side, side, generator=torch.Generator().manual_seed(side))
+    torch.manual_seed(4)
+    ours = _GaussianBlur(kernel, (0.1, 2.0))(x)
+    torch.manual_seed(4)
+    theirs = GaussianBlur(kernel, (0.1, 2.0))(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
