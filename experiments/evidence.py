@@ -1,0 +1,724 @@
+"""The evidence matrix: MAE, M-MAE, U-MAE, MU-MAE and PMAE trained with one budget, several seeds, on CIFAR-10.
+
+Three commands::
+
+    python experiments/evidence.py run --preset cpu --data data/cifar10-mds --out runs/evidence \\
+        [--methods mae,m-mae,u-mae,mu-mae,pmae] [--seeds 0,1,2] [--basis FILE] [--set key.path=value ...] \\
+        [--eval-set key.path=value ...]
+    python experiments/evidence.py report --out runs/evidence [--json docs/results-evidence.json]
+    python experiments/evidence.py project --step-seconds S [--recipes FILE ...] [--gpus N] [--dataset-size N]
+
+``run`` trains each (method, seed) cell from ``yamls/evidence/<preset>/<method>.yaml`` (every method recipe extends
+the preset's ``base.yaml``: the same model, data, optimizer, schedule and steps; only the algorithm differs) through
+the package's own builder (:func:`magma_composer.train.build_trainer`), saves the encoder's weights before the first
+step (the exact initialisation) and after the last, and evaluates both with the preset's ``eval.yaml``: features
+extracted once per encoder and pooling (:func:`magma_composer.evaluate.features.cached_features`), then kNN
+(:class:`~magma_composer.evaluate.knn.KNNProtocol`) and the fast linear probe
+(:class:`~magma_composer.evaluate.linear.FastLinearProbe`) on the same features. Each finished cell writes
+``<out>/cells/<method>-s<seed>.json`` (the resolved recipe, evaluation settings, seed, git commit, wall times,
+losses, results of the initialisation and of the trained encoder) and ``<method>-s<seed>.metrics.jsonl`` (every
+metric the trainer logged, one JSON object ``{"step": i, "<metric>": value, ...}`` per step, ``i`` from 0: the MAE
+loss, the MAGMA term and its diagnostics ``magma/*``, uniformity, lr). A cell with a record is never recomputed,
+so a stopped matrix resumes where it stopped (an unfinished cell restarts from its first step); a record written
+with another recipe or evaluation is refused rather than mixed. ``--set`` overrides apply to every method's
+training recipe (the budget: ``max_duration=600ba``), ``--eval-set`` to the evaluation (``features.pools=[cls,mean]``).
+
+PMAE needs a PCA basis of the training images at the model's size: ``--basis FILE``, else ``<out>/basis-<S>.pt``,
+fitted once (``python -m magma_composer.pca fit``) when missing.
+
+``report`` prints per method the number of seeds, mean +- standard deviation (sample, n - 1) and range of each
+figure for the trained encoders and their initialisations, the trained - init gain, and the paired differences to
+MAE by seed (mean, std, min..max, how many seeds positive), then a Markdown table; ``--json`` writes all of it.
+
+``project`` turns a measured seconds-per-step (of the recipe's model at its per-device batch on one GPU) into each
+full-length recipe's steps and expected wall time: ``steps = floor(dataset size / (batch x GPUs)) x epochs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+METHODS = ("mae", "m-mae", "u-mae", "mu-mae", "pmae")
+PRESETS = ("cpu", "gpu")
+POOLS = ("cls", "mean")
+RECORD_FORMAT = "magma_composer.evidence/1"
+#: sections of a preset's eval.yaml and the options each takes
+EVAL_SECTIONS = ("train_data", "test_data", "features", "knn", "linear_fast")
+#: training-set sizes of the full-length recipes' data sets (``project``), by a word of their remote
+DATASET_SIZES = {"imagenet100": 126_689, "imagenet": 1_281_167}
+DEFAULT_PROJECT_RECIPES = ("yamls/imagenet/*.yaml", "yamls/imagenet100/*.yaml")
+
+
+class EvidenceError(ValueError):
+    """A user's mistake (an argument, a file, a recipe): printed as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def parse_methods(text: str) -> list[str]:
+    """``'mae,mu-mae'`` -> ``['mae', 'mu-mae']``; each a known method, none twice."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise EvidenceError(f"--methods: no method given; choose from {', '.join(METHODS)}")
+    for name in names:
+        if name not in METHODS:
+            raise EvidenceError(f"--methods: {name!r} is not a method; choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise EvidenceError(f"--methods: {text!r} names a method twice")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``'0,1,2'`` -> ``[0, 1, 2]``; each an integer in [0, 2**32), none twice."""
+    seeds = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part.isdigit() or int(part) >= 2**32:
+            raise EvidenceError(f"--seeds: {part!r} is not a seed; give integers in [0, 2**32), e.g. 0,1,2")
+        seeds.append(int(part))
+    if len(set(seeds)) != len(seeds):
+        raise EvidenceError(f"--seeds: {text!r} names a seed twice")
+    return seeds
+
+
+def _overrides(items: Sequence[str], flag: str) -> list[str]:
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise EvidenceError(f"{flag}: {item!r} is not of the form key.path=value")
+    return list(items)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def preset_dir(preset: str) -> Path:
+    """The folder of a preset's recipes."""
+    if preset not in PRESETS:
+        raise EvidenceError(f"--preset: {preset!r} is not a preset; choose from {', '.join(PRESETS)}")
+    return REPO / "yamls" / "evidence" / preset
+
+
+def training_recipe(
+    recipes: Path, method: str, seed: int, data: str, sets: Sequence[str], basis: str | None = None
+) -> dict:
+    """A cell's training recipe: the method's file with the run's seed and data, ``sets`` and (PMAE) the basis,
+    checked by :func:`magma_composer.config.validate` (keys and types)."""
+    from magma_composer.config import ConfigError, read_recipe, validate
+
+    path = recipes / f"{method}.yaml"
+    fixed = [f"seed={seed}", f"train_data.remote={data}", f"run_name=evidence-{method}-s{seed}"]
+    if basis is not None:
+        fixed.append(f"algorithms.pca_masking.basis={basis}")
+    try:
+        raw = read_recipe(path, [*sets, *fixed])
+        # nothing is written by the trainer: the command keeps the encoders and its own records
+        for key in ("save_folder", "save_interval", "autoresume", "export_encoder", "load_path", "eval_data"):
+            if raw.get(key) is not None:
+                raise ConfigError(f"{key}: the evidence recipes train without it (the command writes the records)")
+        raw["loggers"] = {**(raw.get("loggers") or {}), "in_memory": {}}
+        validate(raw)
+    except ConfigError as exc:
+        raise EvidenceError(f"recipe {path}: {exc}") from None
+    if method == "pmae" and "pca_masking" not in (raw.get("algorithms") or {}):
+        raise EvidenceError(f"recipe {path}: PMAE needs algorithms.pca_masking")
+    return raw
+
+
+def evaluation_settings(recipes: Path, data: str, sets: Sequence[str], raw_pixels: bool) -> dict:
+    """The preset's ``eval.yaml`` with ``--eval-set`` overrides, the data filled in, every section checked by its
+    owner (the data loader's, :class:`KNNProtocol`'s, :class:`FastLinearProbe`'s signatures)."""
+    from magma_composer.config import ConfigError, check_options, read_recipe
+    from magma_composer.data.loader import build_image_dataloader
+    from magma_composer.evaluate.knn import KNNProtocol
+    from magma_composer.evaluate.linear import FastLinearProbe
+    from magma_composer.options import OptionError
+
+    path = recipes / "eval.yaml"
+    try:
+        raw = read_recipe(path, list(sets))
+        unknown = sorted(set(raw) - set(EVAL_SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r}; valid keys are: {', '.join(EVAL_SECTIONS)}")
+        out = {}
+        for section in ("train_data", "test_data"):
+            options = dict(raw.get(section) or {})
+            options["remote"] = data
+            if raw_pixels:
+                options["normalize"] = "none"
+            injected = ("train", "cache_tag", "transform", "return_index", "image_size")
+            out[section] = check_options(build_image_dataloader, options, section, injected)
+        features = dict(raw.get("features") or {})
+        unknown = sorted(set(features) - {"pools", "precision"})
+        if unknown:
+            raise ConfigError(f"unknown key 'features.{unknown[0]}'; valid keys of features are: pools, precision")
+        pools = features.get("pools", ["cls"])
+        if (
+            not isinstance(pools, list)
+            or not pools
+            or any(p not in POOLS for p in pools)
+            or len(set(pools)) < len(pools)
+        ):
+            raise ConfigError(f"features.pools: {pools!r}; give a list of distinct poolings from {', '.join(POOLS)}")
+        from magma_composer.evaluate.features import PRECISIONS
+
+        precision = features.get("precision")
+        if precision is not None and precision not in PRECISIONS:
+            raise ConfigError(f"features.precision: {precision!r}; choose one of {', '.join(PRECISIONS)} or null")
+        out["features"] = {"pools": pools, "precision": precision}
+        out["knn"] = check_options(KNNProtocol, raw.get("knn"), "knn")
+        out["linear_fast"] = check_options(FastLinearProbe, raw.get("linear_fast"), "linear_fast")
+        for section, cls in (("knn", KNNProtocol), ("linear_fast", FastLinearProbe)):
+            try:
+                cls(**out[section])
+            except OptionError as exc:
+                raise ConfigError(f"{section}.{exc.key}: {exc.message}") from None
+    except ConfigError as exc:
+        raise EvidenceError(f"evaluation {path}: {exc}") from None
+    return out
+
+
+def fingerprint(value: Any) -> str:
+    """A short hash of JSON values (the recipe and evaluation a record was made with)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_commit() -> dict:
+    """The checkout's commit and whether it has uncommitted changes (``None`` outside a git checkout)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+# ------------------------------------------------------------------------------------------------ the basis
+def ensure_basis(out: Path, data: str, image_size: int, given: str | None) -> str:
+    """The PCA basis for PMAE: ``given``, else ``<out>/basis-<S>.pt``, fitted there once when missing."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise EvidenceError(f"--basis: {given} does not exist (fit one: python -m magma_composer.pca fit ...)")
+        return given
+    path = out / f"basis-{image_size}.pt"
+    if path.is_file():
+        return str(path)
+    command = [sys.executable, "-m", "magma_composer.pca", "fit", "--data", data, "--split", "train",
+               "--image-size", str(image_size), "--out", str(path), "--no-progress"]  # fmt: skip
+    print(f"[evidence] fitting the PCA basis for PMAE: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode != 0 or not path.is_file():
+        raise EvidenceError(f"the PCA basis fit failed (exit status {done.returncode}); give one with --basis FILE")
+    print(f"[evidence] basis {path} fitted in {time.perf_counter() - start:.0f} s", flush=True)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_encoder(path: str, basis: str | None, settings: dict, out: Path, desc: str) -> dict:
+    """kNN and the fast linear probe of one exported encoder, per pooling: ``{pool: {"knn": ..., "linear": ...}}``.
+
+    Features come from the feature cache in ``<out>/features`` (keyed by the encoder's and basis' hashes and the
+    data); the results of an encoder already evaluated with the same settings are read from ``<out>/evals``.
+    """
+    import torch
+
+    from magma_composer.checkpoints import write_atomic
+    from magma_composer.data.loader import build_image_dataloader
+    from magma_composer.evaluate.encoders import load_encoder
+    from magma_composer.evaluate.features import cached_features
+    from magma_composer.evaluate.knn import KNNProtocol
+    from magma_composer.evaluate.linear import FastLinearProbe
+
+    encoder = load_encoder(path, basis=basis)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = {"encoder": encoder.sha256, "basis": encoder.basis_sha256, "settings": settings, "device": device}
+    memo = out / "evals" / f"{fingerprint(key)}.json"
+    if memo.is_file():
+        stored = json.loads(memo.read_text())
+        if stored.get("key") == json.loads(json.dumps(key, default=str)):
+            return stored["results"]
+    knn, probe = KNNProtocol(**settings["knn"]), FastLinearProbe(**settings["linear_fast"])
+    results: dict[str, Any] = {}
+    for pool in settings["features"]["pools"]:
+        splits = []
+        for section in ("train_data", "test_data"):
+            options = {**settings[section], "image_size": encoder.arch["img_size"]}
+            loader = build_image_dataloader(train=False, return_index=True, cache_tag=f"evidence-{section}", **options)
+            try:
+                data_key = {k: v for k, v in options.items() if k not in ("num_workers", "batch_size")}
+                splits.append(
+                    cached_features(
+                        encoder,
+                        loader,
+                        data_key,
+                        pool,
+                        out / "features",
+                        device,
+                        settings["features"]["precision"],
+                        desc=f"{desc} {section}",
+                    )  # fmt: skip
+                )
+            finally:
+                loader.dataset.release()
+        (train_x, train_y), (test_x, test_y) = splits
+        k_res = knn.run(train_x, train_y, test_x, test_y, device=device)
+        p_res = probe.run(train_x, train_y, test_x, test_y, device=device)
+        results[pool] = {
+            "knn": {
+                f"k{row['k']}": row["top1"]
+                for row in k_res["grid"]
+                if row["distance"] == k_res["distance"] and row["temperature"] == k_res["temperature"]
+            },
+            "knn_grid": k_res["grid"],
+            "linear": p_res["top1"],
+            "linear_detail": {k: p_res[k] for k in ("top5", "train_top1", "l2", "iterations", "warnings", "seconds")},
+            "samples": {"train": len(train_y), "test": len(test_y)},
+        }
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(memo, lambda f: f.write(json.dumps({"key": key, "results": results}, default=str).encode()))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ one cell
+#: metrics the trainer logs inside a step, while its batch counter still holds the step's 0-based index; the others
+#: (the algorithms' diagnostics ``magma/*``, ``uniformity/*``, the callbacks' ``lr-*``) are logged at ``BATCH_END``,
+#: after the counter has advanced
+_LOGGED_IN_STEP = ("loss/", "trainer/", "time/")
+
+
+def _metrics_rows(trainer: Any) -> list[dict]:
+    """Every metric the trainer's in-memory logger holds, one row per training step: ``{"step": i, name: value}``
+    with ``i`` the 0-based index of the step the value belongs to (see :data:`_LOGGED_IN_STEP`)."""
+    from composer.loggers import InMemoryLogger
+
+    memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    rows: dict[int, dict] = {}
+    for name, entries in memory.data.items():
+        for timestamp, value in entries:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            step = int(timestamp.batch) - (0 if name.startswith(_LOGGED_IN_STEP) else 1)
+            rows.setdefault(step, {"step": step})[name] = number
+    return [rows[s] for s in sorted(rows)]
+
+
+def _loss_summary(rows: list[dict]) -> dict:
+    """First and last values, and the mean over the last tenth of the steps, of each ``loss/train/*`` metric."""
+    out = {}
+    names = sorted({k for r in rows for k in r if k.startswith("loss/train/")})
+    for name in names:
+        values = [r[name] for r in rows if name in r]
+        tail = values[-max(1, len(values) // 10) :]
+        out[name] = {"first": values[0], "last": values[-1], "last_tenth_mean": statistics.fmean(tail)}
+    return out
+
+
+def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, basis: str | None, meta: dict) -> dict:
+    """Trains one (method, seed) cell, exports its initial and trained encoders, evaluates both, writes its record."""
+    import torch
+
+    from magma_composer.checkpoints import export_encoder, write_atomic
+    from magma_composer.config import ConfigError, validate
+    from magma_composer.train import build_trainer
+
+    name = f"{method}-s{seed}"
+    cells, encoders = out / "cells", out / "encoders"
+    cells.mkdir(parents=True, exist_ok=True)
+    encoders.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        trainer = build_trainer(validate(recipe))
+    except ConfigError as exc:
+        raise EvidenceError(f"cell {name}: {exc}") from None
+    try:
+        init_path, trained_path = str(encoders / f"{name}-init.pt"), str(encoders / f"{name}.pt")
+        export_encoder(trainer.state.model, init_path)  # the weights before the first step
+        build_seconds = time.perf_counter() - start
+        fit_start = time.perf_counter()
+        trainer.fit()
+        train_seconds = time.perf_counter() - fit_start
+        steps = int(trainer.state.timestamp.batch)
+        export_encoder(trainer.state.model, trained_path)
+        rows = [r for r in _metrics_rows(trainer) if 0 <= r["step"] < steps]  # time/* is logged once more at the end
+        threads = torch.get_num_threads()
+    finally:
+        trainer.close()
+    metrics_file = cells / f"{name}.metrics.jsonl"
+    write_atomic(metrics_file, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    eval_start = time.perf_counter()
+    init = evaluate_encoder(init_path, basis, settings, out, f"{name} init")
+    init_seconds = time.perf_counter() - eval_start
+    trained = evaluate_encoder(trained_path, basis, settings, out, f"{name} trained")
+    eval_seconds = time.perf_counter() - eval_start
+    record = {
+        "format": RECORD_FORMAT,
+        "method": method,
+        "seed": seed,
+        **meta,
+        "recipe": recipe,
+        "evaluation": settings,
+        "fingerprint": fingerprint({"recipe": _without_seed(recipe), "evaluation": settings}),
+        "basis": basis,
+        "encoders": {"init": init_path, "trained": trained_path},
+        "metrics_file": metrics_file.name,
+        "steps": steps,
+        "torch_threads": threads,
+        "seconds": {
+            "build": build_seconds,
+            "train": train_seconds,
+            "per_step": train_seconds / max(1, steps),
+            "eval_init": init_seconds,
+            "eval_trained": eval_seconds - init_seconds,
+            "total": time.perf_counter() - start,
+        },
+        "losses": _loss_summary(rows),
+        "results": {"init": init, "trained": trained},
+    }
+    write_atomic(cells / f"{name}.json", lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+    return record
+
+
+def _without_seed(recipe: dict) -> dict:
+    return {k: v for k, v in recipe.items() if k not in ("seed", "run_name")}
+
+
+def read_record(path: Path) -> dict:
+    """A cell's record, checked for the fields the report needs."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EvidenceError(f"{path}: not a readable record ({exc}); delete it to recompute the cell") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise EvidenceError(f"{path}: not an evidence record (format {RECORD_FORMAT}); delete it or use another --out")
+    return record
+
+
+def _format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def command_run(args: argparse.Namespace) -> int:
+    """``run``: every (method, seed) cell without a record, in order, with progress and an ETA."""
+    methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    recipes = Path(args.recipes) if args.recipes else preset_dir(args.preset)
+    if not recipes.is_dir():
+        raise EvidenceError(f"--recipes: {recipes} is not a folder of method recipes")
+    for method in methods:
+        if not (recipes / f"{method}.yaml").is_file():
+            raise EvidenceError(f"--methods: {method!r} has no recipe {recipes / (method + '.yaml')}")
+    data = args.data
+    for split in ("train", "test"):
+        if not (Path(data) / split / "index.json").is_file():
+            raise EvidenceError(f"--data: {data} has no MDS split {split!r} ({Path(data) / split / 'index.json'})")
+    sets, eval_sets = _overrides(args.set, "--set"), _overrides(args.eval_set, "--eval-set")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # every recipe is read and checked before the first cell trains: a typo fails now, not an hour in
+    plan = []
+    basis = None
+    for method in methods:
+        probe_recipe = training_recipe(recipes, method, seeds[0], data, sets)
+        raw_pixels = method == "pmae"
+        if raw_pixels:
+            basis = ensure_basis(out, data, int(probe_recipe["model"]["img_size"]), args.basis)
+        settings = evaluation_settings(recipes, data, eval_sets, raw_pixels)
+        for seed in seeds:
+            recipe = training_recipe(recipes, method, seed, data, sets, basis if raw_pixels else None)
+            plan.append((method, seed, recipe, settings, basis if raw_pixels else None))
+
+    meta = {"preset": args.preset if not args.recipes else None, "recipes": str(recipes), "git": git_commit()}
+    todo, done_count = [], 0
+    for method, seed, recipe, settings, cell_basis in plan:
+        path = out / "cells" / f"{method}-s{seed}.json"
+        if path.is_file():
+            record = read_record(path)
+            expected = fingerprint({"recipe": _without_seed(recipe), "evaluation": settings})
+            if record.get("fingerprint") != expected:
+                raise EvidenceError(
+                    f"{path} was made with another recipe or evaluation than this run's (fingerprint "
+                    f"{record.get('fingerprint')} vs {expected}); use another --out, or delete the record to recompute"
+                )
+            done_count += 1
+            continue
+        todo.append((method, seed, recipe, settings, cell_basis))
+    total = len(plan)
+    print(f"[evidence] {total} cells ({len(methods)} methods x {len(seeds)} seeds) in {out}: "
+          f"{done_count} already done, {len(todo)} to run", flush=True)  # fmt: skip
+    started, spent = time.perf_counter(), []
+    for i, (method, seed, recipe, settings, cell_basis) in enumerate(todo):
+        print(f"[evidence] cell {done_count + i + 1}/{total}: {method} seed {seed} ...", flush=True)
+        record = run_cell(method, seed, recipe, settings, out, cell_basis, meta)
+        spent.append(record["seconds"]["total"])
+        left = len(todo) - i - 1
+        eta = statistics.fmean(spent) * left
+        res = record["results"]
+        pool = settings["features"]["pools"][0]
+        k_first = f"k{settings['knn']['k'][0]}"
+        print(
+            f"[evidence] cell {method} seed {seed} done in {_format_seconds(record['seconds']['total'])} "
+            f"(train {record['seconds']['train']:.0f} s, {record['seconds']['per_step'] * 1000:.0f} ms/step): "
+            f"{pool} linear {res['init'][pool]['linear']:.2f} -> {res['trained'][pool]['linear']:.2f}, "
+            f"kNN@{k_first[1:]} {res['init'][pool]['knn'][k_first]:.2f} -> {res['trained'][pool]['knn'][k_first]:.2f}"
+            f" | {left} left, ETA {_format_seconds(eta)} (elapsed {_format_seconds(time.perf_counter() - started)})",
+            flush=True,
+        )
+    print(f"[evidence] all {total} cells done; python experiments/evidence.py report --out {out}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _stats(values: list[float]) -> dict:
+    n = len(values)
+    return {
+        "n": n,
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if n > 1 else None,
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
+
+
+def figures(results: dict) -> dict[str, float]:
+    """The figures of one encoder's results: ``'<pool> linear'`` and ``'<pool> kNN@<k>'`` -> top-1 %."""
+    out = {}
+    for pool, res in results.items():
+        out[f"{pool} linear"] = res["linear"]
+        for k, value in res["knn"].items():
+            out[f"{pool} kNN@{k[1:]}"] = value
+    return out
+
+
+def summarize(records: list[dict]) -> dict:
+    """The report's numbers: per method and figure, the trained, init and gain statistics, and the paired
+    differences to MAE by seed."""
+    by_method: dict[str, dict[int, dict]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {})[r["seed"]] = r
+    methods = [m for m in METHODS if m in by_method] + sorted(set(by_method) - set(METHODS))
+    summary: dict[str, Any] = {"methods": {}, "paired_vs_mae": {}}
+    for method in methods:
+        cells = by_method[method]
+        seeds = sorted(cells)
+        trained = {s: figures(cells[s]["results"]["trained"]) for s in seeds}
+        init = {s: figures(cells[s]["results"]["init"]) for s in seeds}
+        names = [n for n in trained[seeds[0]] if all(n in trained[s] for s in seeds)]
+        entry = {"seeds": seeds, "seconds_per_cell": _stats([cells[s]["seconds"]["total"] for s in seeds])}
+        for name in names:
+            entry[name] = {
+                "trained": _stats([trained[s][name] for s in seeds]),
+                "init": _stats([init[s][name] for s in seeds]),
+                "gain": _stats([trained[s][name] - init[s][name] for s in seeds]),
+            }
+        entry["figures"] = names
+        summary["methods"][method] = entry
+        if method != "mae" and "mae" in by_method:
+            common = sorted(set(seeds) & set(by_method["mae"]))
+            if not common:
+                continue
+            mae = {s: figures(by_method["mae"][s]["results"]["trained"]) for s in common}
+            paired = {"seeds": common}
+            for name in names:
+                if all(name in mae[s] for s in common):
+                    diffs = [trained[s][name] - mae[s][name] for s in common]
+                    paired[name] = {**_stats(diffs), "positive": sum(d > 0 for d in diffs)}
+            summary["paired_vs_mae"][method] = paired
+    return summary
+
+
+def _pm(stats: dict, digits: int = 2) -> str:
+    std = "-" if stats["std"] is None else f"{stats['std']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} +- {std}"
+
+
+def _range(stats: dict) -> str:
+    return f"{stats['min']:.2f}..{stats['max']:.2f}"
+
+
+def format_report(summary: dict) -> str:
+    """The report as text: per figure a table of methods, the paired differences, then a Markdown table."""
+    lines = []
+    methods = summary["methods"]
+    names = next(iter(methods.values()))["figures"] if methods else []
+    for name in names:
+        lines.append(f"== {name} (top-1 %; mean +- std over seeds, range)")
+        lines.append(f"{'method':8} {'n':>2}  {'trained':>15} {'range':>13}  {'init':>15}  {'gain':>15}")
+        for method, entry in methods.items():
+            if name not in entry:
+                continue
+            t, i, g = entry[name]["trained"], entry[name]["init"], entry[name]["gain"]
+            lines.append(f"{method:8} {t['n']:>2}  {_pm(t):>15} {_range(t):>13}  {_pm(i):>15}  {_pm(g):>15}")
+        paired = [(m, p[name]) for m, p in summary["paired_vs_mae"].items() if name in p]
+        if paired:
+            lines.append("   paired difference to MAE, same seed (mean +- std, min..max, seeds positive)")
+            for method, p in paired:
+                lines.append(f"   {method:8} {_pm(p):>15} {_range(p):>13}  {p['positive']}/{p['n']} positive")
+        lines.append("")
+    lines.append("Markdown (docs/results.md):")
+    lines.append("")
+    header = ["method", "seeds"] + [f"{n} (gain)" for n in names] + [f"{n} - MAE" for n in names[:2]]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] * len(header)) + "|")
+    for method, entry in methods.items():
+        row = [method, str(len(entry["seeds"]))]
+        for name in names:
+            row.append(f"{_pm(entry[name]['trained'])} ({entry[name]['gain']['mean']:+.2f})" if name in entry else "")
+        for name in names[:2]:
+            p = summary["paired_vs_mae"].get(method, {}).get(name)
+            if p is None:
+                row.append("")
+                continue
+            std = "-" if p["std"] is None else f"{p['std']:.2f}"
+            row.append(f"{p['mean']:+.2f} +- {std} ({p['positive']}/{p['n']} positive)")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    """``report``: reads every record in ``<out>/cells`` and prints the summary (and writes it as JSON)."""
+    cells = Path(args.out) / "cells"
+    paths = sorted(cells.glob("*.json")) if cells.is_dir() else []
+    if not paths:
+        raise EvidenceError(f"--out: {args.out} holds no cell records ({cells}/*.json); run the matrix first")
+    records = [read_record(p) for p in paths]
+    summary = summarize(records)
+    print(format_report(summary))
+    if args.json:
+        payload = {"format": "magma_composer.evidence.report/1", "out": str(args.out), **summary}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"\nwritten: {args.json}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ project
+def project_recipe(path: str, step_seconds: float, gpus: int, dataset_size: int | None) -> dict:
+    """One full-length recipe's steps and expected wall time from a measured seconds per step."""
+    from composer.core import Time, TimeUnit
+
+    from magma_composer.config import ConfigError, read_recipe
+
+    try:
+        raw = read_recipe(path)
+    except ConfigError as exc:
+        raise EvidenceError(f"--recipes: {exc}") from None
+    batch = (raw.get("train_data") or {}).get("batch_size")
+    duration = raw.get("max_duration")
+    if not isinstance(batch, int) or duration is None:
+        raise EvidenceError(f"--recipes: {path} has no train_data.batch_size or max_duration")
+    remote = str((raw.get("train_data") or {}).get("remote", ""))
+    size = dataset_size
+    if size is None:
+        size = next((n for word, n in DATASET_SIZES.items() if word in remote.lower() or word in path.lower()), None)
+    if size is None:
+        raise EvidenceError(f"--dataset-size: {path}'s data set ({remote}) has no known size; give --dataset-size N")
+    global_batch = batch * gpus
+    per_epoch = size // global_batch
+    time_ = Time.from_timestring(str(duration))
+    if time_.unit == TimeUnit.EPOCH:
+        steps = per_epoch * time_.value
+    elif time_.unit == TimeUnit.BATCH:
+        steps = time_.value
+    else:
+        raise EvidenceError(f"--recipes: {path}'s max_duration {duration!r} is neither in epochs nor in batches")
+    hours = steps * step_seconds / 3600
+    return {
+        "recipe": path,
+        "epochs": time_.value if time_.unit == TimeUnit.EPOCH else None,
+        "dataset_size": size,
+        "global_batch": global_batch,
+        "steps": steps,
+        "hours": hours,
+        "gpu_hours": hours * gpus,
+    }
+
+
+def command_project(args: argparse.Namespace) -> int:
+    """``project``: the full-length recipes' steps and wall time on ``--gpus`` GPUs at ``--step-seconds``."""
+    if not (args.step_seconds > 0 and math.isfinite(args.step_seconds)):
+        raise EvidenceError(f"--step-seconds: must be a positive number of seconds, got {args.step_seconds}")
+    if args.gpus < 1:
+        raise EvidenceError(f"--gpus: must be at least 1, got {args.gpus}")
+    if args.dataset_size is not None and args.dataset_size < 1:
+        raise EvidenceError(f"--dataset-size: must be at least 1, got {args.dataset_size}")
+    patterns = args.recipes or [str(REPO / p) for p in DEFAULT_PROJECT_RECIPES]
+    paths = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not found or not all(Path(p).is_file() for p in found):
+            raise EvidenceError(f"--recipes: {pattern} names no recipe file")
+        paths.extend(found)
+    rows = [project_recipe(p, args.step_seconds, args.gpus, args.dataset_size) for p in paths]
+    print(f"{args.step_seconds} s per step at each recipe's per-device batch, {args.gpus} GPU(s)")
+    print(f"{'recipe':52} {'epochs':>6} {'batch':>6} {'steps':>9} {'hours':>8} {'GPU-hours':>10}")
+    for r in rows:
+        shown = os.path.relpath(r["recipe"], REPO) if Path(r["recipe"]).is_absolute() else r["recipe"]
+        epochs = "" if r["epochs"] is None else str(r["epochs"])
+        print(f"{shown:52} {epochs:>6} {r['global_batch']:>6} {r['steps']:>9} {r['hours']:>8.1f} "
+              f"{r['gpu_hours']:>10.1f}")  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="experiments/evidence.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate every (method, seed) cell without a record")
+    run.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (yamls/evidence/<preset>/)")
+    run.add_argument("--recipes", default=None, help="a folder of method recipes and eval.yaml instead of --preset")
+    run.add_argument("--data", required=True, help="CIFAR-10 as MDS with splits train and test")
+    run.add_argument("--out", required=True, help="the matrix's folder (records, encoders, features)")
+    run.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    run.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
+    run.add_argument("--basis", default=None, help="PMAE's PCA basis (default: <out>/basis-<S>.pt, fitted once)")
+    run.add_argument("--set", action="append", default=[], help="key.path=value for every training recipe")
+    run.add_argument("--eval-set", action="append", default=[], help="key.path=value for the evaluation")
+    report = sub.add_parser("report", help="per method statistics and paired differences to MAE")
+    report.add_argument("--out", required=True, help="the matrix's folder")
+    report.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    project = sub.add_parser("project", help="full-length recipes' wall time from a measured step time")
+    project.add_argument("--step-seconds", type=float, required=True, help="measured seconds per training step")
+    project.add_argument("--recipes", nargs="*", default=None, help="recipe files or globs (default: ImageNet ones)")
+    project.add_argument("--gpus", type=int, default=1, help="GPUs, each at the recipe's per-device batch")
+    project.add_argument("--dataset-size", type=int, default=None, help="training images (default: known sizes)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"run": command_run, "report": command_report, "project": command_project}
+    from magma_composer.config import ConfigError
+    from magma_composer.evaluate.encoders import EncoderError
+    from magma_composer.options import OptionError
+
+    try:
+        return commands[args.command](args)
+    except (EvidenceError, ConfigError, EncoderError) as exc:
+        print(f"evidence.py: error: {exc}", file=sys.stderr)
+        return 2
+    except OptionError as exc:
+        print(f"evidence.py: error: {exc.key}: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
