@@ -44,6 +44,7 @@ from typing import Any, Callable, Union
 import yaml
 
 from magma_composer import registry
+from magma_composer.precision import PRECISIONS
 
 __all__ = [
     "ConfigError",
@@ -91,7 +92,6 @@ def read_yaml(text: str, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------- the run's own options
-_PRECISIONS = ("fp32", "amp_fp16", "amp_bf16", "amp_fp8")
 _DEVICES = ("cpu", "gpu", "mps")
 _TIME_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
 
@@ -115,7 +115,8 @@ class TrainConfig:
     loggers: dict = field(default_factory=dict)  #: console is always on (progress_bar / log_to_console)
     run_name: str | None = None
     seed: int = 17
-    precision: str | None = None  #: fp32 | amp_fp16 | amp_bf16 | amp_fp8 (default: amp_bf16 on GPU, fp32 on CPU)
+    #: fp32 | amp_fp16 | amp_bf16 | amp_fp8 (default: amp_bf16 on GPU and bf16 CPUs, else fp32; CPU: fp32, amp_bf16)
+    precision: str | None = None
     device: str | None = None  #: cpu | gpu | mps (default: gpu when there is one)
     cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: cores per rank - loader workers)
     device_train_microbatch_size: Union[int, str, None] = None  #: int or auto; default: the per-device batch
@@ -207,8 +208,8 @@ def check_run_keys(cfg: Any, time_keys: tuple[str, ...]) -> None:
     def get(key: str) -> Any:
         return getattr(cfg, key, None)
 
-    if get("precision") is not None and cfg.precision not in _PRECISIONS:
-        raise ConfigError(f"precision: {cfg.precision!r} is not valid; choose one of {', '.join(_PRECISIONS)}")
+    if get("precision") is not None and cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision: {cfg.precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
     if get("device") is not None and cfg.device not in _DEVICES:
         raise ConfigError(f"device: {cfg.device!r} is not valid; choose one of {', '.join(_DEVICES)}")
     mb = get("device_train_microbatch_size")

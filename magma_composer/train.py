@@ -39,6 +39,7 @@ from magma_composer.checkpoints import (
 from magma_composer.config import INJECTED, ConfigError, TrainConfig, build_section, load_config, section_class
 from magma_composer.data.loader import build_image_dataloader
 from magma_composer.options import OptionError, check_choice, check_number
+from magma_composer.precision import cpu_autocast, default_precision
 
 __all__ = [
     "OPTIMIZERS",
@@ -299,9 +300,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             callbacks.append(CheckpointHashes())
         callbacks.append(ReleaseData(loaders))
 
+        precision = cfg.precision or default_precision(device)
         if device == "cpu":
             torch.set_num_threads(cpu_threads(cfg))
-        precision = cfg.precision or ("amp_bf16" if device == "gpu" else "fp32")
+            # Composer autocasts only on GPUs: on a CPU the model autocasts itself and Composer runs in fp32
+            build_section("precision", cpu_autocast, model, precision)
+            precision = "fp32"
         microbatch = cfg.device_train_microbatch_size or cfg.train_data["batch_size"]
         # Composer's own checks, and the algorithms' and callbacks' INIT, run inside the Trainer's constructor
         return build_section(

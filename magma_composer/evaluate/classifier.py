@@ -48,6 +48,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from magma_composer.options import OptionError, check_choice, check_int, check_number
+from magma_composer.precision import autocast_on_cpu
 
 __all__ = [
     "EncoderClassifier",
@@ -160,6 +161,10 @@ class EncoderClassifier(ComposerModel):
         prepare (Callable, optional): applied to the images before the encoder (e.g. PMAE's per-pixel
             standardisation); an ``nn.Module`` is registered as a child so that it moves with the model.
     """
+
+    #: bf16 on a CPU: ``forward`` and ``eval_forward`` run under ``torch.autocast("cpu", dtype)`` (set by
+    #: :func:`magma_composer.precision.cpu_autocast`; None: float32)
+    cpu_autocast_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -303,6 +308,7 @@ class EncoderClassifier(ComposerModel):
             pooled = self._encode(x)
         return self.fc_norm(pooled)
 
+    @autocast_on_cpu
     def forward(self, batch: Any) -> torch.Tensor:
         images, labels = _split(batch)
         if self.training and labels is not None and not labels.is_floating_point():
@@ -316,6 +322,7 @@ class EncoderClassifier(ComposerModel):
             raise EvalDataError("the training batches have no labels; a supervised protocol needs (images, labels)")
         return soft_target_cross_entropy(outputs, targets)
 
+    @autocast_on_cpu
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> torch.Tensor:
         if outputs is not None:
             return outputs

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from magma_composer.evaluate.encoders import LoadedEncoder
 from magma_composer.options import OptionError, check_choice
+from magma_composer.precision import autocast_context, default_precision
 
 __all__ = [
     "CACHE_FORMAT",
@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Feature pooling: the CLS token, or the mean of the patch tokens.
 POOLS = ("cls", "mean")
-#: Precisions of the encoder's forward (``None``: ``amp_bf16`` on a GPU, ``fp32`` on a CPU).
+#: Precisions of the encoder's forward (``None``: :func:`magma_composer.precision.default_precision`, ``amp_bf16``
+#: on a GPU and on a CPU with native bf16, else ``fp32``).
 PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")
 #: The ``format`` entry of every cache file's key.
 CACHE_FORMAT = "magma_composer.features/1"
@@ -101,15 +102,8 @@ def encode(
 
 def _resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision is None:
-        return "amp_bf16" if device.type == "cuda" else "fp32"
+        return default_precision(device.type)
     return check_choice("precision", precision, PRECISIONS)
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,7 +159,7 @@ def extract_features(
         pool (str): ``'cls'`` or ``'mean'`` (see :func:`encode`).
         device (torch.device | str): where the encoder runs; it is moved back to where it was afterwards.
         precision (str, optional): ``'fp32'``, ``'amp_bf16'`` or ``'amp_fp16'`` (autocast; features are returned
-            in float32). Default: ``amp_bf16`` on a GPU, ``fp32`` on a CPU.
+            in float32). Default: ``amp_bf16`` on a GPU and on a CPU with native bf16, else ``fp32``.
         progress (bool): a progress bar (rank 0).
         desc (str): the progress bar's label.
 
@@ -189,7 +183,7 @@ def extract_features(
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress or dist.get_global_rank() != 0, leave=False):
             images, y, index = _batch_parts(batch)
-            with _autocast(precision, device):
+            with autocast_context(precision, device.type):
                 out = encode(vit, images.to(device, non_blocking=True), pool, encoder.prepare)
             feats.append(out.float().cpu())
             labels.append(y.cpu())
@@ -340,8 +334,8 @@ class FeatureOptions:
             the patch tokens; a CNN encoder's pooled output: a CNN needs ``'mean'``).
         cache (bool): keep features on disk (keyed by the encoder's hash and the data) and reuse them.
         cache_dir (str, optional): the cache folder; default ``$XDG_CACHE_HOME/magma_composer/features``.
-        precision (str, optional): ``'fp32'``, ``'amp_bf16'`` or ``'amp_fp16'``; default ``amp_bf16`` on a GPU,
-            ``fp32`` on a CPU (injected from the run's ``precision``).
+        precision (str, optional): ``'fp32'``, ``'amp_bf16'`` or ``'amp_fp16'``; default ``amp_bf16`` on a GPU and
+            on a CPU with native bf16, else ``fp32`` (injected from the run's ``precision``).
     """
 
     def __init__(

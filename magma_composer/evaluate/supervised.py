@@ -20,6 +20,7 @@ from composer.utils import dist
 
 from magma_composer.evaluate.classifier import EncoderClassifier, EvalDataError
 from magma_composer.options import OptionError
+from magma_composer.precision import cpu_autocast, default_precision
 
 __all__ = ["EvaluationRecorder", "run_supervised"]
 
@@ -124,7 +125,8 @@ def run_supervised(
         loggers (Sequence[LoggerDestination]): Composer loggers.
         callbacks (Sequence[Callback]): more callbacks.
         device (str): ``'cpu'`` or ``'gpu'``.
-        precision (str, optional): Composer precision. Default: ``'amp_bf16'`` on a GPU, else ``'fp32'``.
+        precision (str, optional): Composer precision. Default: ``'amp_bf16'`` on a GPU and on a CPU with
+            native bf16 (the model autocasts itself there, see :mod:`magma_composer.precision`), else ``'fp32'``.
         seed (int): the run's seed.
         eval_interval (str, optional): Composer time between evaluations (also one at the end of training).
             Default: ``'1ep'``.
@@ -152,8 +154,10 @@ def run_supervised(
         except (ValueError, TypeError):
             raise OptionError(key, f"{value!r} is not a Composer time string such as '90ep' or '500ba'") from None
     recorder = EvaluationRecorder()
-    if precision is None:
-        precision = "amp_bf16" if device == "gpu" else "fp32"
+    precision = precision or default_precision(device)
+    if device == "cpu":  # Composer autocasts only on GPUs: the model autocasts itself, Composer runs in fp32
+        cpu_autocast(model, precision)
+        precision = "fp32"
     trainer = Trainer(
         model=model,
         train_dataloader=train_loader,

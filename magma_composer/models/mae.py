@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric, Metric
 
 from magma_composer.models.pos_embed import sincos_2d
 from magma_composer.options import OptionError, check_choice, check_int, check_number
+from magma_composer.precision import autocast_on_cpu
 from magma_composer.seeding import seeded_generator
 
 __all__ = [
@@ -403,6 +404,10 @@ class ComposerMAE(ComposerModel):
             trainer = Trainer(model=model, train_dataloader=loader, max_duration='1ep')
     """
 
+    #: bf16 on a CPU: ``forward``, ``loss``, ``eval_forward`` and ``extract_features`` run under
+    #: ``torch.autocast("cpu", dtype)`` (set by :func:`magma_composer.precision.cpu_autocast`; None: float32)
+    cpu_autocast_dtype: torch.dtype | None = None
+
     def __init__(
         self,
         encoder: Union[str, dict[str, Any]] = "vit_base_patch16_224",
@@ -539,6 +544,7 @@ class ComposerMAE(ComposerModel):
             return batch["image"] if "image" in batch else batch["x"]
         raise TypeError(f"unsupported batch type {type(batch).__name__}: expected (images, labels) or a tensor")
 
+    @autocast_on_cpu
     def forward(self, batch: Any) -> dict[str, Any]:
         """The masked forward; in training (patch masking) ``outputs['mask_ratio']`` is the ratio used (a float)."""
         images = self._images(batch)
@@ -553,6 +559,7 @@ class ComposerMAE(ComposerModel):
             self.logger.log_metrics({"mae/mask_ratio": ratio})
         return out
 
+    @autocast_on_cpu
     def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> dict[str, torch.Tensor]:
         if not self.drops_patches:  # the input transform's algorithm adds its own loss
             return {}
@@ -561,6 +568,7 @@ class ComposerMAE(ComposerModel):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    @autocast_on_cpu
     def extract_features(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """Features of whole, unmasked data-set images (``B x D``), from the tokens after the final LayerNorm.
 
@@ -571,8 +579,10 @@ class ComposerMAE(ComposerModel):
         """
         check_choice("pool", pool, ("cls", "mean"))
         latent, _, _ = self.net.encode(self.prepare_images(images), 0.0)
-        return latent[:, 0] if pool == "cls" else latent[:, self.net.num_prefix_tokens :].mean(dim=1)
+        features = latent[:, 0] if pool == "cls" else latent[:, self.net.num_prefix_tokens :].mean(dim=1)
+        return features.float()
 
+    @autocast_on_cpu
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, torch.Tensor]:
         if outputs is not None:
             return outputs
@@ -593,6 +603,7 @@ class ComposerMAE(ComposerModel):
         target = patchify(outputs["input"], self.patch_size)
         metric.update(masked_mse_loss(outputs["pred"], target, outputs["mask"], self.norm_pix_loss))
 
+    @autocast_on_cpu
     def reconstruct(
         self, images: torch.Tensor, mask_ratio: float | None = None, seed: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from magma_composer.distributed import all_gather_with_grad
 from magma_composer.models.mae import build_vit, encoder_architecture
 from magma_composer.models.taps import tap_paused
 from magma_composer.options import OptionError, check_choice, check_int
+from magma_composer.precision import autocast_on_cpu
 
 __all__ = ["LossFigure", "TwoViewModel", "backbone_architecture", "build_backbone"]
 
@@ -169,6 +170,10 @@ class TwoViewModel(ComposerModel):
         gather (bool): compute the loss on the batch gathered from every rank (with gradient).
     """
 
+    #: bf16 on a CPU: ``forward``, ``loss``, ``eval_forward`` and ``extract_features`` run under
+    #: ``torch.autocast("cpu", dtype)`` (set by :func:`magma_composer.precision.cpu_autocast`; None: float32)
+    cpu_autocast_dtype: torch.dtype | None = None
+
     #: the method's name (the loss key prefix)
     method = "two_view"
     #: the prefix of the evaluation metrics' names
@@ -280,6 +285,7 @@ class TwoViewModel(ComposerModel):
         """``B x feature_dim`` representations: a ViT's CLS token after the final norm, a CNN's pooled output."""
         return self.encoder(images)
 
+    @autocast_on_cpu
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         view1, view2 = self.split_views(batch)
         h1 = self.represent(view1)
@@ -287,6 +293,7 @@ class TwoViewModel(ComposerModel):
             h2 = self.represent(view2)
         return {"h1": h1, "h2": h2, "z1": self.projector(h1), "z2": self.projector(h2)}
 
+    @autocast_on_cpu
     def loss(self, outputs: dict[str, torch.Tensor], batch: Any, *args, **kwargs) -> dict[str, torch.Tensor]:
         z1, z2 = outputs["z1"], outputs["z2"]
         if self.gather:
@@ -299,6 +306,7 @@ class TwoViewModel(ComposerModel):
         return images
 
     @torch.no_grad()
+    @autocast_on_cpu
     def extract_features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
         """Features of data-set images (``B x D``), from the encoder.
 
@@ -318,12 +326,13 @@ class TwoViewModel(ComposerModel):
                     f"'cls' needs a ViT's CLS token; the {type(self.encoder).__name__} encoder has none: use "
                     "pool: mean (its global average pooled output)",
                 )
-            return self.represent(images)
+            return self.represent(images).float()
         tokens = self.encoder.forward_features(images)
         if pool == "mean":
-            return tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1)
-        return tokens[:, 0]
+            return tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1).float()
+        return tokens[:, 0].float()
 
+    @autocast_on_cpu
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
         if outputs is not None:
             return outputs
