@@ -181,6 +181,32 @@ def magma_loss(
         return out, stats
 
 
+#: the per-step diagnostics logged as ``magma/<name>`` (see :func:`_diagnostics`)
+_DIAGNOSTICS = ("gamma", "mean_affinity", "target_norm", "target_spread", "reference_norm", "rayleigh")
+
+
+def _diagnostics(x: torch.Tensor, y: torch.Tensor, value: torch.Tensor, stats: MagmaStats) -> dict[str, torch.Tensor]:
+    """One part's logged diagnostics, detached float32 scalars on the device (no synchronisation).
+
+    ``target_norm`` and ``reference_norm`` are the mean L2 row norms of ``Y`` and ``X``; ``target_spread`` the mean
+    row norm of ``Y`` minus its batch mean (what the graph can act on); ``rayleigh`` is ``R B^2 / ||Y||_F^2``, the
+    Rayleigh quotient of ``L`` on ``Y``: 1 where the graph has no weight (``L = I``, the term is then only the size
+    of ``Y``), below 1 where neighbours in ``X`` have aligned ``Y``.
+    """
+    with torch.no_grad():
+        xd, yd = x.detach().float(), y.detach().float()
+        energy = (yd * yd).sum()
+        b = yd.shape[0]
+        return {
+            "gamma": stats.gamma.float(),
+            "mean_affinity": stats.mean_affinity.float(),
+            "target_norm": yd.norm(dim=1).mean(),
+            "target_spread": (yd - yd.mean(dim=0, keepdim=True)).norm(dim=1).mean(),
+            "reference_norm": xd.norm(dim=1).mean(),
+            "rayleigh": value.detach().float() * (b * b) / energy.clamp_min(torch.finfo(torch.float32).tiny),
+        }
+
+
 def _check_layer(key: str, layer: Any) -> None:
     """A layer option is an int (a ViT block index) or a non-empty module name; which exist is checked on the model."""
     if isinstance(layer, str):
@@ -222,8 +248,10 @@ class MAGMA(TapRegularizer):
 
     Logged every batch: ``magma/weight``; while the weight is not 0, also ``magma/term`` (the unweighted
     ``R``), ``magma/gamma``, ``magma/mean_affinity`` (mean off-diagonal ``W``), ``magma/target_norm``
-    (the mean L2 norm of the rows of ``Y``: the term can be lowered by shrinking ``Y``) and
-    ``magma/skipped``; the trainer logs ``loss/train/magma`` (``weight * R``).
+    (the mean L2 norm of the rows of ``Y``: the term can be lowered by shrinking ``Y``),
+    ``magma/target_spread`` (the same for ``Y`` minus its batch mean), ``magma/reference_norm`` (for ``X``),
+    ``magma/rayleigh`` (``R B^2 / ||Y||_F^2``: 1 when the graph has no weight) and ``magma/skipped``; the
+    trainer logs ``loss/train/magma`` (``weight * R``).
 
     Args:
         reference_layers (int | list[int | str]): the reference layers: 0-based ViT block indices
@@ -325,14 +353,15 @@ class MAGMA(TapRegularizer):
                 "MAGMA: the reference and target blocks ran a different number of times this step "
                 f"({[len(r) for r in references]} vs {len(targets)})"
             )
-        values, valids, gammas, affinities, norms = [], [], [], [], []
+        values, valids = [], []
+        stats: dict[str, list[torch.Tensor]] = {name: [] for name in _DIAGNOSTICS}
         for call, y in enumerate(targets):
             xs = [r[call] for r in references]
             if self.gather:
                 widths = [x.shape[1] for x in xs] + [y.shape[1]]
                 *xs, y = all_gather_with_grad(torch.cat(xs + [y], dim=1)).split(widths, dim=1)
             for x in xs:
-                value, stats = magma_loss(
+                value, part = magma_loss(
                     x,
                     y,
                     rbf_scale=self.rbf_scale,
@@ -342,11 +371,9 @@ class MAGMA(TapRegularizer):
                     check_finite=False,  # a training step: skip a non-finite batch without a device sync
                 )
                 values.append(value)
-                valids.append(stats.valid)
-                gammas.append(stats.gamma)
-                affinities.append(stats.mean_affinity)
-                norms.append(torch.where(stats.valid, y.detach().float().norm(dim=1).mean(), 0.0))
-        stats = {"gamma": gammas, "mean_affinity": affinities, "target_norm": norms}
+                valids.append(part.valid)
+                for name, diagnostic in _diagnostics(x, y, value, part).items():
+                    stats[name].append(torch.where(part.valid, diagnostic, 0.0))
         return self._average_valid(values, valids, stats)
 
     def _skip_reason(self) -> str:
