@@ -246,6 +246,8 @@ def evaluate_encoder(path: str, basis: str | None, settings: dict, out: Path, de
 
     encoder = load_encoder(path, basis=basis)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # the training set its own thread count; the forward passes here take every core
+        torch.set_num_threads(os.cpu_count() or 1)
     key = {"encoder": encoder.sha256, "basis": encoder.basis_sha256, "settings": settings, "device": device}
     memo = out / "evals" / f"{fingerprint(key)}.json"
     if memo.is_file():

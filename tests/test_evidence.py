@@ -1,0 +1,266 @@
+"""experiments/evidence.py: the whole matrix on the demo data set with a tiny model (records, resumption, the
+report's numbers against a hand computation, bad arguments), and the shipped presets' recipes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_MODEL
+
+SCRIPT = REPO / "experiments" / "evidence.py"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("evidence", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["evidence"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+evidence = _load_module()
+
+
+def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    import os
+
+    launcher = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_recipes(tmp_path_factory) -> Path:
+    """A preset folder of the shipped layout (base.yaml + one file per method + eval.yaml) with a tiny model."""
+    folder = tmp_path_factory.mktemp("recipes")
+    base = {
+        "seed": 0,
+        "model": TINY_MODEL,
+        "train_data": {"remote": "unset", "split": "train", "batch_size": 16, "num_workers": 0},
+        "optimizer": {"lr": 1e-3},
+        "scheduler": {"warmup": "0.25dur"},
+        "max_duration": "4ba",
+        "progress_bar": False,
+        "cpu_threads": 1,
+    }
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
+    (folder / "mae.yaml").write_text("base: base.yaml\n")
+    magma = {"reference_layers": [2], "target_layer": 3, "weight": {"type": "constant", "value": 1.0}}
+    mu = {"base": "base.yaml", "algorithms": {"magma": magma, "uniformity": {"weight": 0.01}}}
+    (folder / "mu-mae.yaml").write_text(yaml.safe_dump(mu))
+    evaluation = {
+        "train_data": {"split": "train", "batch_size": 80, "num_workers": 0, "max_samples": 120, "shuffle_seed": 0},
+        "test_data": {"split": "test", "batch_size": 80, "num_workers": 0},
+        "features": {"pools": ["cls", "mean"]},
+        "knn": {"k": [5, 10]},
+        "linear_fast": {"l2": [1e-3, 1e-1], "max_iter": 30},
+    }
+    (folder / "eval.yaml").write_text(yaml.safe_dump(evaluation))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def matrix(tiny_recipes, demo_mds, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The matrix run once: mae and mu-mae, seeds 0 and 1."""
+    out = tmp_path_factory.mktemp("evidence") / "out"
+    done = run_script("run", "--recipes", str(tiny_recipes), "--data", str(demo_mds), "--out", str(out),
+                      "--methods", "mae,mu-mae", "--seeds", "0,1")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def _records(out: Path) -> dict[tuple[str, int], dict]:
+    records = {}
+    for path in sorted((out / "cells").glob("*.json")):
+        r = json.loads(path.read_text())
+        records[(r["method"], r["seed"])] = r
+    return records
+
+
+def test_records_of_every_cell(matrix):
+    out, done = matrix
+    records = _records(out)
+    assert sorted(records) == [("mae", 0), ("mae", 1), ("mu-mae", 0), ("mu-mae", 1)]
+    assert "cell 4/4" in done.stdout and "ETA" in done.stdout
+    for (method, seed), r in records.items():
+        assert r["format"] == evidence.RECORD_FORMAT
+        assert r["recipe"]["seed"] == seed and r["steps"] == 4
+        assert ("magma" in r["recipe"].get("algorithms", {})) == (method == "mu-mae")
+        assert r["git"]["commit"] and len(r["git"]["commit"]) == 40
+        assert r["seconds"]["train"] > 0 and r["seconds"]["total"] >= r["seconds"]["train"]
+        assert r["losses"]["loss/train/mae"]["first"] > 0
+        for which in ("init", "trained"):
+            for pool in ("cls", "mean"):
+                res = r["results"][which][pool]
+                assert set(res["knn"]) == {"k5", "k10"}
+                assert 0 <= res["linear"] <= 100
+                assert res["samples"] == {"train": 120, "test": 80}
+        # the exported encoders: the initialisation differs from the trained weights
+        import torch
+
+        init = torch.load(r["encoders"]["init"], weights_only=True)
+        trained = torch.load(r["encoders"]["trained"], weights_only=True)
+        assert not torch.equal(init["blocks.0.attn.qkv.weight"], trained["blocks.0.attn.qkv.weight"])
+    # the same seed's initialisation is the same encoder for every method (one model, one seed)
+    for seed in (0, 1):
+        assert records[("mae", seed)]["results"]["init"] == records[("mu-mae", seed)]["results"]["init"]
+    assert records[("mae", 0)]["results"]["init"] != records[("mae", 1)]["results"]["init"]
+
+
+def test_per_step_metrics_keep_magma_diagnostics(matrix):
+    out, _ = matrix
+    rows = [json.loads(line) for line in (out / "cells" / "mu-mae-s0.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:  # each step has its loss and the MAGMA term, weight and norms
+        for key in ("loss/train/mae", "loss/train/magma", "magma/term", "magma/weight", "magma/target_norm",
+                    "magma/reference_norm", "uniformity/term"):  # fmt: skip
+            assert key in r, (r["step"], key)
+        assert r["magma/weight"] == 1.0
+        assert r["loss/train/magma"] == pytest.approx(r["magma/term"], rel=1e-5)
+    mae_rows = (out / "cells" / "mae-s0.metrics.jsonl").read_text()
+    assert "magma/" not in mae_rows and "loss/train/mae" in mae_rows
+
+
+def test_second_run_recomputes_nothing(matrix, tiny_recipes, demo_mds, capsys):
+    out, _ = matrix
+    before = {p: p.read_bytes() for p in (out / "cells").iterdir()}
+    base = ["run", "--recipes", str(tiny_recipes), "--data", str(demo_mds), "--out", str(out)]
+    assert evidence.main([*base, "--methods", "mae,mu-mae", "--seeds", "0,1"]) == 0
+    assert "4 already done, 0 to run" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (out / "cells").iterdir()} == before
+    # another budget is refused in this folder rather than mixed with the records
+    assert evidence.main([*base, "--methods", "mae", "--seeds", "0", "--set", "max_duration=5ba"]) == 2
+    assert "another recipe or evaluation" in capsys.readouterr().err
+
+
+def _hand_summary(records: dict, figure: tuple[str, str]) -> dict:
+    pool, kind = figure
+
+    def value(r, which):
+        res = r["results"][which][pool]
+        return res["linear"] if kind == "linear" else res["knn"][kind]
+
+    out = {}
+    for method in ("mae", "mu-mae"):
+        trained = [value(records[(method, s)], "trained") for s in (0, 1)]
+        init = [value(records[(method, s)], "init") for s in (0, 1)]
+        out[method] = {
+            "trained": (statistics.mean(trained), statistics.stdev(trained), min(trained), max(trained)),
+            "gain": statistics.mean(t - i for t, i in zip(trained, init)),
+        }
+    diffs = [value(records[("mu-mae", s)], "trained") - value(records[("mae", s)], "trained") for s in (0, 1)]
+    out["paired"] = (statistics.mean(diffs), statistics.stdev(diffs), sum(d > 0 for d in diffs))
+    return out
+
+
+def test_report_numbers_equal_a_hand_computation(matrix, tmp_path, capsys):
+    out, _ = matrix
+    records = _records(out)
+    target = tmp_path / "report.json"
+    assert evidence.main(["report", "--out", str(out), "--json", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert "| mu-mae | 2 |" in printed and "paired difference to MAE" in printed
+    report = json.loads(target.read_text())
+    for figure, name in ((("cls", "linear"), "cls linear"), (("mean", "k10"), "mean kNN@10")):
+        hand = _hand_summary(records, figure)
+        for method in ("mae", "mu-mae"):
+            got = report["methods"][method][name]
+            assert got["trained"]["n"] == 2
+            mean, std, lo, hi = hand[method]["trained"]
+            assert got["trained"]["mean"] == pytest.approx(mean)
+            assert got["trained"]["std"] == pytest.approx(std)
+            assert (got["trained"]["min"], got["trained"]["max"]) == (lo, hi)
+            assert got["gain"]["mean"] == pytest.approx(hand[method]["gain"])
+        paired = report["paired_vs_mae"]["mu-mae"][name]
+        assert paired["mean"] == pytest.approx(hand["paired"][0])
+        assert paired["std"] == pytest.approx(hand["paired"][1])
+        assert paired["positive"] == hand["paired"][2]
+        assert f"{hand['mu-mae']['trained'][0]:.2f} +- {hand['mu-mae']['trained'][1]:.2f}" in printed
+    assert "mae" not in report["paired_vs_mae"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--methods", "mae,vit"], "--methods: 'vit' is not a method; choose from mae, m-mae"),
+        (["run", "--seeds", "0,x"], "--seeds: 'x' is not a seed"),
+        (["run", "--seeds", "1,1"], "--seeds: '1,1' names a seed twice"),
+        (["run", "--preset", "tpu"], "--preset: 'tpu' is not a preset; choose from cpu, gpu"),
+        (["run", "--set", "max_duration"], "--set: 'max_duration' is not of the form key.path=value"),
+        (["run", "--set", "model.mask_ratoi=0.5"], "unknown key 'model.mask_ratoi'"),
+        (["run", "--eval-set", "features.pools=[max]"], "features.pools: ['max']"),
+        (["run", "--eval-set", "knn.k=[0]"], "knn.k"),
+    ],
+)
+def test_bad_run_arguments_are_named(args, message, demo_mds, tmp_path, capsys):
+    base = ["--data", str(demo_mds), "--out", str(tmp_path / "out")]
+    assert evidence.main([*args, *base]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evidence.py: error:") and message in err, err
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_bad_data_and_empty_report(tmp_path, capsys):
+    assert evidence.main(["run", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "--data:" in capsys.readouterr().err
+    assert evidence.main(["report", "--out", str(tmp_path)]) == 2
+    assert "holds no cell records" in capsys.readouterr().err
+
+
+def test_presets_share_one_budget_and_the_cifar10_algorithm_settings():
+    from magma_composer.config import read_recipe, validate
+
+    cifar = {m: read_recipe(REPO / "yamls" / "cifar10" / f"{m}-vit-tiny.yaml") for m in evidence.METHODS}
+    for preset in evidence.PRESETS:
+        folder = evidence.preset_dir(preset)
+        recipes = {m: read_recipe(folder / f"{m}.yaml") for m in evidence.METHODS}
+        for method, raw in recipes.items():
+            validate(raw)
+            shared = {k: v for k, v in raw.items() if k != "algorithms"}
+            mae = {k: v for k, v in recipes["mae"].items() if k != "algorithms"}
+            if method == "pmae":  # raw pixels: the basis standardises them
+                assert shared["train_data"].pop("normalize") == "none"
+            assert shared == mae, (preset, method)
+            expected = cifar[method].get("algorithms", {})
+            got = raw.get("algorithms", {})
+            assert sorted(got) == sorted(expected), (preset, method)
+            for name, options in expected.items():
+                if name == "pca_masking":
+                    options = {k: v for k, v in options.items() if k != "basis"}
+                    assert {k: v for k, v in got[name].items() if k != "basis"} == options
+                elif name == "magma":  # the same window; the last two blocks of the preset's depth
+                    depth = raw["model"]["encoder"]["depth"]
+                    assert got[name]["weight"] == options["weight"]
+                    assert (got[name]["reference_layers"], got[name]["target_layer"]) == ([depth - 2], depth - 1)
+                else:
+                    assert got[name] == options
+        evaluation = evidence.evaluation_settings(folder, "data/cifar10-mds", [], raw_pixels=True)
+        for split in ("train_data", "test_data"):  # the command's data, raw pixels for PMAE
+            assert evaluation[split]["remote"] == "data/cifar10-mds" and evaluation[split]["normalize"] == "none"
+        assert evaluation["features"]["pools"][0] == "cls"
+
+
+def test_project_turns_a_step_time_into_wall_time(capsys):
+    recipe = str(REPO / "yamls" / "imagenet" / "mae-vitb16.yaml")
+    row = evidence.project_recipe(recipe, step_seconds=0.5, gpus=8, dataset_size=None)
+    raw = yaml.safe_load(Path(recipe).read_text())
+    global_batch = raw["train_data"]["batch_size"] * 8
+    epochs = int(str(raw["max_duration"]).removesuffix("ep"))
+    assert row["steps"] == (1_281_167 // global_batch) * epochs
+    assert row["hours"] == pytest.approx(row["steps"] * 0.5 / 3600)
+    assert row["gpu_hours"] == pytest.approx(row["hours"] * 8)
+    assert evidence.main(["project", "--step-seconds", "0.5", "--recipes", recipe, "--gpus", "8"]) == 0
+    assert f"{row['steps']:>9}" in capsys.readouterr().out
+    assert evidence.main(["project", "--step-seconds", "-1"]) == 2
+    assert "--step-seconds: must be a positive number" in capsys.readouterr().err
