@@ -229,11 +229,14 @@ def ensure_basis(out: Path, data: str, image_size: int, given: str | None) -> st
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate_encoder(path: str, basis: str | None, settings: dict, out: Path, desc: str) -> dict:
+def evaluate_encoder(
+    path: str, basis: str | None, settings: dict, out: Path, desc: str, cpu_threads: int | None = None
+) -> dict:
     """kNN and the fast linear probe of one exported encoder, per pooling: ``{pool: {"knn": ..., "linear": ...}}``.
 
     Features come from the feature cache in ``<out>/features`` (keyed by the encoder's and basis' hashes and the
-    data); the results of an encoder already evaluated with the same settings are read from ``<out>/evals``.
+    data); the results of an encoder already evaluated with the same settings are read from ``<out>/evals``. On a
+    CPU the forward passes take ``cpu_threads`` threads (default: every core).
     """
     import torch
 
@@ -246,8 +249,8 @@ def evaluate_encoder(path: str, basis: str | None, settings: dict, out: Path, de
 
     encoder = load_encoder(path, basis=basis)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # the training set its own thread count; the forward passes here take every core
-        torch.set_num_threads(os.cpu_count() or 1)
+    if device == "cpu":  # the training set its own thread count (cores less its loader workers)
+        torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
     key = {"encoder": encoder.sha256, "basis": encoder.basis_sha256, "settings": settings, "device": device}
     memo = out / "evals" / f"{fingerprint(key)}.json"
     if memo.is_file():
@@ -359,15 +362,16 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
         steps = int(trainer.state.timestamp.batch)
         export_encoder(trainer.state.model, trained_path)
         rows = [r for r in _metrics_rows(trainer) if 0 <= r["step"] < steps]  # time/* is logged once more at the end
-        threads = torch.get_num_threads()
+        train_threads = torch.get_num_threads()
     finally:
         trainer.close()
     metrics_file = cells / f"{name}.metrics.jsonl"
     write_atomic(metrics_file, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
     eval_start = time.perf_counter()
-    init = evaluate_encoder(init_path, basis, settings, out, f"{name} init")
+    threads = recipe.get("cpu_threads")
+    init = evaluate_encoder(init_path, basis, settings, out, f"{name} init", threads)
     init_seconds = time.perf_counter() - eval_start
-    trained = evaluate_encoder(trained_path, basis, settings, out, f"{name} trained")
+    trained = evaluate_encoder(trained_path, basis, settings, out, f"{name} trained", threads)
     eval_seconds = time.perf_counter() - eval_start
     record = {
         "format": RECORD_FORMAT,
@@ -381,7 +385,7 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
         "encoders": {"init": init_path, "trained": trained_path},
         "metrics_file": metrics_file.name,
         "steps": steps,
-        "torch_threads": threads,
+        "torch_threads": train_threads,
         "seconds": {
             "build": build_seconds,
             "train": train_seconds,

@@ -264,3 +264,31 @@ def test_project_turns_a_step_time_into_wall_time(capsys):
     assert f"{row['steps']:>9}" in capsys.readouterr().out
     assert evidence.main(["project", "--step-seconds", "-1"]) == 2
     assert "--step-seconds: must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pmae_cell_fits_its_basis_once_and_evaluates_raw_pixels(tiny_recipes, demo_mds, tmp_path, capsys):
+    pmae = {
+        "base": "base.yaml",
+        "train_data": {"normalize": "none"},
+        "algorithms": {"pca_masking": {"basis": "unset.pt", "ratio": 0.2, "per_sample": False, "residual": "drop"}},
+    }
+    (tiny_recipes / "pmae.yaml").write_text(yaml.safe_dump(pmae))
+    out = tmp_path / "out"
+    args = ["run", "--recipes", str(tiny_recipes), "--data", str(demo_mds), "--out", str(out), "--seeds", "0"]
+    done = run_script(*args, "--methods", "pmae")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fitting the PCA basis" in done.stdout
+    basis = out / "basis-32.pt"
+    record = json.loads((out / "cells" / "pmae-s0.json").read_text())
+    assert record["basis"] == str(basis) and record["recipe"]["algorithms"]["pca_masking"]["basis"] == str(basis)
+    assert record["evaluation"]["train_data"]["normalize"] == "none"
+    assert record["results"]["init"]["cls"]["linear"] >= 0
+    rows = (out / "cells" / "pmae-s0.metrics.jsonl").read_text()
+    assert "loss/train/pmae" in rows
+    # the basis is fitted once: a resumed run finds it
+    assert evidence.main([*args, "--methods", "pmae"]) == 0
+    printed = capsys.readouterr().out
+    assert "fitting the PCA basis" not in printed and "1 already done" in printed
+    assert evidence.main([*args, "--methods", "pmae", "--basis", str(tmp_path / "missing.pt")]) == 2
+    assert "--basis:" in capsys.readouterr().err
