@@ -647,8 +647,13 @@ def project_recipe(path: str, step_seconds: float, gpus: int, dataset_size: int 
     else:
         raise EvidenceError(f"--recipes: {path}'s max_duration {duration!r} is neither in epochs nor in batches")
     hours = steps * step_seconds / 3600
+    model = raw.get("model") or {}
+    encoder = model.get("encoder")
+    if isinstance(encoder, dict):
+        encoder = "vit-{embed_dim}x{depth}".format(**{"embed_dim": "?", "depth": "?", **encoder})
     return {
         "recipe": path,
+        "model": f"{encoder}@{model.get('img_size', '?')}",
         "epochs": time_.value if time_.unit == TimeUnit.EPOCH else None,
         "dataset_size": size,
         "global_batch": global_batch,
@@ -675,11 +680,12 @@ def command_project(args: argparse.Namespace) -> int:
         paths.extend(found)
     rows = [project_recipe(p, args.step_seconds, args.gpus, args.dataset_size) for p in paths]
     print(f"{args.step_seconds} s per step at each recipe's per-device batch, {args.gpus} GPU(s)")
-    print(f"{'recipe':52} {'epochs':>6} {'batch':>6} {'steps':>9} {'hours':>8} {'GPU-hours':>10}")
+    print("(the step time is the one of the model it was measured with: compare only the rows of that model)")
+    print(f"{'recipe':48} {'model':28} {'epochs':>6} {'batch':>6} {'steps':>9} {'hours':>8} {'GPU-hours':>10}")
     for r in rows:
         shown = os.path.relpath(r["recipe"], REPO) if Path(r["recipe"]).is_absolute() else r["recipe"]
         epochs = "" if r["epochs"] is None else str(r["epochs"])
-        print(f"{shown:52} {epochs:>6} {r['global_batch']:>6} {r['steps']:>9} {r['hours']:>8.1f} "
+        print(f"{shown:48} {r['model']:28} {epochs:>6} {r['global_batch']:>6} {r['steps']:>9} {r['hours']:>8.1f} "
               f"{r['gpu_hours']:>10.1f}")  # fmt: skip
     return 0
 
