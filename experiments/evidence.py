@@ -135,6 +135,29 @@ def training_recipe(
     return raw
 
 
+def check_buildable(raw: dict, where: str) -> None:
+    """Builds a recipe's algorithms and model and runs the algorithms' model checks (block indices, the basis'
+    image size), as :func:`magma_composer.train.build_trainer` will: a recipe that cannot train fails before the
+    matrix starts, not when its first cell comes up."""
+    from magma_composer import registry
+    from magma_composer.config import ConfigError, build_section, section_class, validate
+    from magma_composer.train import build_components
+
+    try:
+        cfg = validate(raw)
+        algorithms = build_components("algorithms", cfg.algorithms, registry.ALGORITHMS, {})
+        options = dict(cfg.model)
+        model_class = section_class("model", options)
+        options.pop("name", None)
+        model = build_section("model", model_class, **options)
+        for name, algorithm in zip(cfg.algorithms, algorithms):
+            check = getattr(algorithm, "check_model", None)
+            if check is not None:
+                build_section(f"algorithms.{name}", check, model)
+    except ConfigError as exc:
+        raise EvidenceError(f"{where}: {exc}") from None
+
+
 def evaluation_settings(recipes: Path, data: str, sets: Sequence[str], raw_pixels: bool) -> dict:
     """The preset's ``eval.yaml`` with ``--eval-set`` overrides, the data filled in, every section checked by its
     owner (the data loader's, :class:`KNNProtocol`'s, :class:`FastLinearProbe`'s signatures)."""
@@ -450,6 +473,7 @@ def command_run(args: argparse.Namespace) -> int:
         for seed in seeds:
             recipe = training_recipe(recipes, method, seed, data, sets, basis if raw_pixels else None)
             plan.append((method, seed, recipe, settings, basis if raw_pixels else None))
+        check_buildable(plan[-1][2], f"recipe {recipes / (method + '.yaml')}")
 
     meta = {"preset": args.preset if not args.recipes else None, "recipes": str(recipes), "git": git_commit()}
     todo, done_count = [], 0

@@ -201,6 +201,8 @@ def test_report_numbers_equal_a_hand_computation(matrix, tmp_path, capsys):
         (["run", "--set", "model.mask_ratoi=0.5"], "unknown key 'model.mask_ratoi'"),
         (["run", "--eval-set", "features.pools=[max]"], "features.pools: ['max']"),
         (["run", "--eval-set", "knn.k=[0]"], "knn.k"),
+        # a recipe that cannot build fails before the first cell, not when its own cell comes up
+        (["run", "--methods", "mae,mu-mae", "--set", "model.encoder.depth=6"], "reference_layers=10 is out of range"),
     ],
 )
 def test_bad_run_arguments_are_named(args, message, demo_mds, tmp_path, capsys):
