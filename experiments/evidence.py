@@ -468,12 +468,18 @@ def command_run(args: argparse.Namespace) -> int:
         probe_recipe = training_recipe(recipes, method, seeds[0], data, sets)
         raw_pixels = method == "pmae"
         if raw_pixels:
-            basis = ensure_basis(out, data, int(probe_recipe["model"]["img_size"]), args.basis)
+            size = int(probe_recipe["model"]["img_size"])
+            if args.dry_run and args.basis is None and not (out / f"basis-{size}.pt").is_file():
+                basis = str(out / f"basis-{size}.pt")
+                print(f"[evidence] dry run: PMAE's basis would be fitted into {basis} first", flush=True)
+            else:
+                basis = ensure_basis(out, data, size, args.basis)
         settings = evaluation_settings(recipes, data, eval_sets, raw_pixels)
         for seed in seeds:
             recipe = training_recipe(recipes, method, seed, data, sets, basis if raw_pixels else None)
             plan.append((method, seed, recipe, settings, basis if raw_pixels else None))
-        check_buildable(plan[-1][2], f"recipe {recipes / (method + '.yaml')}")
+        if basis is None or not raw_pixels or Path(basis).is_file():
+            check_buildable(plan[-1][2], f"recipe {recipes / (method + '.yaml')}")
 
     meta = {"preset": args.preset if not args.recipes else None, "recipes": str(recipes), "git": git_commit()}
     todo, done_count = [], 0
@@ -493,6 +499,13 @@ def command_run(args: argparse.Namespace) -> int:
     total = len(plan)
     print(f"[evidence] {total} cells ({len(methods)} methods x {len(seeds)} seeds) in {out}: "
           f"{done_count} already done, {len(todo)} to run", flush=True)  # fmt: skip
+    if args.dry_run:
+        for method, seed, recipe, settings, _ in todo:
+            algorithms = ", ".join(sorted(recipe.get("algorithms") or {})) or "none"
+            print(f"[evidence] would run {method} seed {seed}: {recipe['max_duration']} of "
+                  f"{recipe['train_data']['batch_size']}, model {recipe['model']}, optimizer {recipe['optimizer']}, "
+                  f"algorithms {algorithms}; evaluation pools {settings['features']['pools']}", flush=True)  # fmt: skip
+        return 0
     started, spent = time.perf_counter(), []
     for i, (method, seed, recipe, settings, cell_basis) in enumerate(todo):
         print(f"[evidence] cell {done_count + i + 1}/{total}: {method} seed {seed} ...", flush=True)
@@ -728,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--basis", default=None, help="PMAE's PCA basis (default: <out>/basis-<S>.pt, fitted once)")
     run.add_argument("--set", action="append", default=[], help="key.path=value for every training recipe")
     run.add_argument("--eval-set", action="append", default=[], help="key.path=value for the evaluation")
+    run.add_argument("--dry-run", action="store_true", help="check every recipe and print the cells to run; no work")
     report = sub.add_parser("report", help="per method statistics and paired differences to MAE")
     report.add_argument("--out", required=True, help="the matrix's folder")
     report.add_argument("--json", default=None, help="also write the summary to this JSON file")

@@ -294,3 +294,13 @@ def test_pmae_cell_fits_its_basis_once_and_evaluates_raw_pixels(tiny_recipes, de
     assert "fitting the PCA basis" not in printed and "1 already done" in printed
     assert evidence.main([*args, "--methods", "pmae", "--basis", str(tmp_path / "missing.pt")]) == 2
     assert "--basis:" in capsys.readouterr().err
+
+
+def test_dry_run_checks_and_lists_the_cells_without_work(tiny_recipes, demo_mds, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", "--recipes", str(tiny_recipes), "--data", str(demo_mds), "--out", str(out), "--dry-run"]
+    assert evidence.main([*args, "--methods", "mae,mu-mae", "--seeds", "3,4"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 cells (2 methods x 2 seeds)" in printed
+    assert "would run mu-mae seed 4: 4ba of 16" in printed and "algorithms magma, uniformity" in printed
+    assert not (out / "cells").exists() and not (out / "encoders").exists()
