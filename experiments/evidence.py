@@ -386,6 +386,8 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
         export_encoder(trainer.state.model, trained_path)
         rows = [r for r in _metrics_rows(trainer) if 0 <= r["step"] < steps]  # time/* is logged once more at the end
         train_threads = torch.get_num_threads()
+        precision = str(getattr(trainer.state.precision, "value", trainer.state.precision))
+        device = type(trainer.state.device).__name__
     finally:
         trainer.close()
     metrics_file = cells / f"{name}.metrics.jsonl"
@@ -409,6 +411,8 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
         "metrics_file": metrics_file.name,
         "steps": steps,
         "torch_threads": train_threads,
+        "precision": precision,
+        "device": device,
         "seconds": {
             "build": build_seconds,
             "train": train_seconds,
