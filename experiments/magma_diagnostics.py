@@ -218,6 +218,7 @@ def measure_magnitude(
     mask_ratio: float = 0.75,
     seed: int = 0,
     grads: bool = True,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Our term and the original formula on the same features of one masked training forward.
 
@@ -234,6 +235,8 @@ def measure_magnitude(
         mask_ratio (float): the training mask ratio.
         seed (int): initialisation, mask and image draw.
         grads (bool): also measure the gradient norm each loss puts on the encoder's parameters.
+        device (str): ``cpu`` or ``cuda``; on ``cuda`` the original formula is also run as its recipes ran it, inside
+            ``torch.autocast('cuda', dtype=torch.float16)`` (``original_cuda_autocast``).
 
     Returns:
         dict: the setting, ``ours``, ``original_fp32``, ``original_fp16``, their ratios, ``mae_loss``, the gradient
@@ -257,13 +260,13 @@ def measure_magnitude(
         weights = state["state"]["model"] if "state" in state else state
         weights = {k.removeprefix("module."): v for k, v in weights.items()}
         model.load_state_dict(weights)
-    model.train()
-    images = _load_images(data, split, img_size, batch, seed)
+    model.train().to(device)
+    images = _load_images(data, split, img_size, batch, seed).to(device)
     tap = get_feature_tap(model)
     tap.request_blocks([reference, target])
     start = time.perf_counter()
     tap.arm()
-    outputs = model((images, torch.zeros(batch, dtype=torch.long)))
+    outputs = model((images, torch.zeros(batch, dtype=torch.long, device=device)))
     tap.disarm()
     x = tap.block_features(reference)[0]
     y = tap.block_features(target)[0]
@@ -285,12 +288,19 @@ def measure_magnitude(
         "original_fp32": float(original),
         "original_fp16": float(original_half),
         "original_gamma": float(original_gamma),
+        # the original forms trace(Y^T L Y) before dividing by B^2: in float16 it overflows beyond 65504
+        "trace_value": float(ours) * batch**2,
         "ratio_original_fp32_to_ours": float(original) / float(ours),
         "ratio_original_fp16_to_ours": float(original_half) / float(ours),
         "mae_loss": float(mae),
         "term_over_mae": float(ours) / float(mae),
-        "anatomy": term_anatomy(x, y),
+        "anatomy": term_anatomy(x.cpu(), y.cpu()),
     }
+    if torch.device(device).type == "cuda":
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            autocast_term, _ = original_magma_term(x.detach(), y.detach())
+        result["original_cuda_autocast"] = float(autocast_term)
+        result["original_cuda_autocast_dtype"] = str(autocast_term.dtype)
     if grads:
         params = [p for p in model.encoder.parameters() if p.requires_grad]
         result["grad_norm_mae"] = _grad_norm(mae, params)
@@ -315,6 +325,15 @@ def _print_magnitude(result: dict[str, Any]) -> None:
         f"  original formula, fp16 prod. {result['original_fp16']:.6g}   "
         f"ratio {result['ratio_original_fp16_to_ours']:.6f}"
     )
+    print(
+        f"  trace(Y^T L Y) = R B^2 = {result['trace_value']:.6g} "
+        f"(float16 overflows beyond {torch.finfo(torch.float16).max:g})"
+    )
+    if "original_cuda_autocast" in result:
+        print(
+            f"  original formula, CUDA autocast fp16 {result['original_cuda_autocast']:.6g} "
+            f"({result['original_cuda_autocast_dtype']})"
+        )
     print(f"  MAE loss                     {result['mae_loss']:.4f}   R / MAE = {result['term_over_mae']:.4g}")
     if "grad_norm_mae" in result:
         print(
@@ -576,6 +595,7 @@ def _parser() -> argparse.ArgumentParser:
     mag.add_argument("--decoder-heads", type=int, default=16)
     mag.add_argument("--seed", type=int, default=0)
     mag.add_argument("--no-grads", action="store_true", help="skip the two gradient norms (saves two backwards)")
+    mag.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the forward")
     mag.add_argument("--json", default=None, help="also write the result to this JSON file")
     tr = sub.add_parser("trace", help="train a recipe a few steps, writing per-step metrics as JSONL")
     tr.add_argument("recipe")
@@ -585,20 +605,28 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("metrics", nargs="+", help="metrics files (JSONL, JSON list, or Composer FileLogger text)")
     pl.add_argument("--out", default="docs/magma", help="output folder")
     pl.add_argument("--labels", default=None, help="comma-separated legend labels, one per file")
+    pl.add_argument("--label", action="append", default=[], help="one legend label (repeat once per file)")
     pl.add_argument("--name", default="magma_metrics.png", help="PNG file name")
     pl.add_argument("--title", default=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # trace's overrides may come after --out, which argparse does not gather into the positional list
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "trace" or any(item.startswith("-") or "=" not in item for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "trace":
+        args.overrides = [*args.overrides, *extra]
     if args.command == "magnitude":
         for flag, value in (("--img-size", args.img_size), ("--patch-size", args.patch_size), ("--batch", args.batch)):
             if value < 1 or (flag == "--batch" and value < 3):
                 raise SystemExit(f"{flag} must be a positive integer (--batch at least 3), got {value}")
         if not Path(args.data).is_dir():
             raise SystemExit(f"--data {args.data}: no such folder (an MDS data set with a {args.split!r} split)")
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA GPU here; use --device cpu")
         result = measure_magnitude(
             encoder=args.encoder,
             img_size=args.img_size,
@@ -614,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             decoder_heads=args.decoder_heads,
             seed=args.seed,
             grads=not args.no_grads,
+            device=args.device,
         )
         _print_magnitude(result)
         if args.json:
@@ -623,7 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = trace_recipe(args.recipe, args.out, args.overrides)
         print(f"wrote {path}")
     else:
-        labels = args.labels.split(",") if args.labels else None
+        if args.labels and args.label:
+            raise SystemExit("plot: give --labels or --label, not both")
+        labels = args.labels.split(",") if args.labels else (args.label or None)
         try:
             path = plot_metrics(args.metrics, args.out, labels=labels, name=args.name, title=args.title)
         except (OSError, ValueError) as e:
