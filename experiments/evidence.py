@@ -364,6 +364,7 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
 
     from magma_composer.checkpoints import export_encoder, write_atomic
     from magma_composer.config import ConfigError, validate
+    from magma_composer.precision import default_precision
     from magma_composer.train import build_trainer
 
     name = f"{method}-s{seed}"
@@ -386,8 +387,9 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
         export_encoder(trainer.state.model, trained_path)
         rows = [r for r in _metrics_rows(trainer) if 0 <= r["step"] < steps]  # time/* is logged once more at the end
         train_threads = torch.get_num_threads()
-        precision = str(getattr(trainer.state.precision, "value", trainer.state.precision))
-        device = type(trainer.state.device).__name__
+        device = "gpu" if type(trainer.state.device).__name__ == "DeviceGPU" else "cpu"
+        # on a CPU Composer runs in fp32 while the model autocasts itself: the recipe's precision is the one in use
+        precision = recipe.get("precision") or default_precision(device)
     finally:
         trainer.close()
     metrics_file = cells / f"{name}.metrics.jsonl"
