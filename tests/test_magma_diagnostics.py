@@ -197,6 +197,24 @@ def test_plot_command_reports_a_bad_file_without_a_traceback(tmp_path):
     )
     assert done.returncode != 0
     assert "plot:" in done.stderr and "line 1: not JSON" in done.stderr and "Traceback" not in done.stderr
+    good = _write(tmp_path / "good.jsonl", '{"step": 0, "magma/term": 1.0}\n')
+    labelled = subprocess.run(
+        [sys.executable, str(SCRIPT), "plot", str(good), "--label", "a, b", "--label", "c", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert labelled.returncode != 0 and "2 labels for 1 metrics files" in labelled.stderr
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "plot", str(good), "--label", "a, b", "--out", str(tmp_path), "--name", "g.png"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_trace_writes_per_step_magma_diagnostics(demo_mds, tmp_path):
