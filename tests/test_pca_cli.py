@@ -161,6 +161,9 @@ MORE_CASES = [
         "--components: is required for the randomized method",
     ),
     ("dist-timeout-0", FIT + ["--dist-timeout", "0"], 2, "--dist-timeout: must be > 0"),
+    ("cache-gib-negative", FIT + ["--cache-gib", "-1"], 2, "--cache-gib: must be >= 0.0, got -1.0"),
+    ("gram-without-K", FIT + ["--method", "gram"], 2, "--components: is required for the gram method"),
+    ("gram-K-of-N", FIT + ["--method", "gram", "--components", "12"], 1, "at most N - 1 = 11 components"),
     ("data-is-a-file", FIT + ["--data", "{tmp}/afile"], 2, "--data: '{tmp}/afile' is a file"),
     (
         "data-unknown-scheme",
@@ -328,3 +331,14 @@ def test_two_ranks_fail_together_and_exit(failure, command, mds, tmp_path):
         assert "error (rank 0)" in errs[0] and "File too large" in errs[0]
         assert "error (rank 1): rank 0 failed: OSError" in errs[1]
         assert list(tmp_path.iterdir()) == []
+
+
+def test_gram_method_from_the_command_line_is_the_exact_basis(mds, tmp_path, capsys):
+    out = tmp_path / "g.pt"
+    args = ["fit", "--data", str(mds), "--split", "train", "--image-size", "8", "--components", "4", "--no-progress"]
+    assert pca_main([*args, "--method", "gram", "--out", str(out), "--cache-gib", "0.5", "--num-workers", "0"]) == 0
+    assert f"{out}: PCA basis: 3x8x8 (D=192), K=4 components (gram) from 12 images" in capsys.readouterr().out
+    gram = load_basis(out)
+    exact = fit_basis(str(mds), split="train", image_size=8, components=4, method="exact", progress=False)
+    cosines = torch.linalg.svdvals(exact.components.double().T @ gram.components.double())
+    assert float(cosines.min()) > 1 - 1e-8 and torch.allclose(gram.eigenvalues, exact.eigenvalues, rtol=1e-5)

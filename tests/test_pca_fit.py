@@ -29,8 +29,15 @@ from magma_composer.pca import (
 )
 from magma_composer.pca.__main__ import main as pca_main
 from magma_composer.pca.basis import BASIS_FORMAT, STATS_FORMAT, _write_payload, describe_file
-from magma_composer.pca.fit import compute_pixel_stats, fit_pixel_stats
-from magma_composer.pca.source import split_shards
+from magma_composer.pca.fit import (
+    AUTO_WORKERS_MIN_IMAGES,
+    EXACT_MAX_DIM,
+    compute_pixel_stats,
+    default_cache_gib,
+    default_workers,
+    fit_pixel_stats,
+)
+from magma_composer.pca.source import ShardImages, open_shards, split_shards
 from tests.conftest import free_port
 from tests.s3_server import moto_server, s3  # noqa: F401  (fixtures)
 
@@ -154,6 +161,109 @@ def test_fit_arguments_are_checked():
         fit_pca(lambda: iter(()), 256, components=8, method="exact", progress=False)
 
 
+# ---------------------------------------------------------------------- the gram method, uint8 images, replay
+def test_gram_is_the_exact_basis_in_one_pass():
+    x = planted(n=300, size=8, rank=12, noise=0.1)  # D = 192
+    mean, std, evals, evecs = reference(x)
+    reads = []
+
+    def batches():
+        reads.append(1)
+        return x.split(64)
+
+    for k in (12, 150):  # at the spectral gap, and deep in the noise's near-equal eigenvalues
+        reads.clear()
+        basis = fit_pca(batches, image_size=8, components=k, method="gram", progress=False)
+        assert basis.method == "gram" and basis.components.shape == (192, k) and reads == [1]
+        # float32 products: errors at about 1e-7 of the largest eigenvalue
+        assert torch.allclose(basis.eigenvalues, evals[:k], rtol=1e-6, atol=1e-6 * float(evals[0]))
+        assert torch.allclose(basis.ratios, evals[:k] / evals.sum(), rtol=1e-6, atol=1e-6 * float(evals[0] / 192))
+        gram = basis.components.double().T @ basis.components.double()
+        assert torch.allclose(gram, torch.eye(k, dtype=torch.float64), atol=1e-4)
+        assert torch.allclose(basis.mean, mean, rtol=0, atol=1e-12) and torch.allclose(basis.std, std, rtol=1e-9)
+    assert max_angle(evecs[:, :12], fit_pca(batches, 8, components=12, method="gram", progress=False).components) < 1e-5
+    # each of the leading components, not only their span (distinct eigenvalues)
+    first = fit_pca(batches, 8, components=4, method="gram", progress=False).components.double()
+    assert torch.allclose((first * evecs[:, :4]).sum(0).abs(), torch.ones(4, dtype=torch.float64), atol=1e-6)
+    # the statistics are the randomized fit's first pass, bit for bit
+    randomized = fit_pca(batches, 8, components=4, method="randomized", progress=False)
+    again = fit_pca(batches, 8, components=4, method="gram", progress=False)
+    assert torch.equal(again.mean, randomized.mean) and torch.equal(again.std, randomized.std)
+
+
+def test_gram_refuses_more_components_than_the_images_hold():
+    x = planted(n=30, size=8, rank=5, noise=0.0)  # rank 5 (plus the clamp's rounding)
+    with pytest.raises(ValueError, match="at most N - 1 = 29 components from 30 images, 30 were asked for"):
+        fit_pca(lambda: x.split(8), 8, components=30, method="gram", progress=False)
+    with pytest.raises(ValueError, match=r"the images span about \d+ directions .* 20 components were asked for"):
+        fit_pca(lambda: x.split(8), 8, components=20, method="gram", progress=False)
+    with pytest.raises(ValueError, match="keeps the images in memory, and they take more than cache_gib = 1e-05 GiB"):
+        fit_pca(lambda: x.split(8), 8, components=4, method="gram", cache_gib=1e-5, progress=False)
+    with pytest.raises(OptionError, match="components: is required for the gram method") as e:
+        fit_pca(lambda: pytest.fail("read before checking"), 8, method="gram", progress=False)
+    assert e.value.key == "components"
+    with pytest.raises(OptionError, match="must be >= 0") as e:
+        fit_pca(lambda: pytest.fail("read before checking"), 8, components=2, cache_gib=-1, progress=False)
+    assert e.value.key == "cache_gib"
+
+
+def test_auto_takes_gram_when_it_costs_less_and_fits():
+    size = 74  # D = 16,428: just above the exact method's limit
+    assert 3 * size * size > EXACT_MAX_DIM
+    x = planted(n=40, size=size, rank=6, noise=0.1)
+    flat = x.double().reshape(40, -1)
+    z = (flat - flat.mean(0)) / flat.std(0, unbiased=False)
+    _, singular, vt = torch.linalg.svd(z, full_matrices=False)  # D x D eigh would take minutes here
+    evals, evecs = singular**2 / 40, vt.T
+
+    def fit(k=6, **kwargs):
+        return fit_pca(lambda: x.split(16), size, components=k, progress=False, **kwargs)
+
+    gram = fit(total=40)
+    assert gram.method == "gram" and max_angle(evecs[:, :6], gram.components) < 1e-4
+    assert torch.allclose(gram.eigenvalues, evals[:6], rtol=1e-5)
+    assert fit().method == "randomized"  # the number of images is not known in advance
+    # the images as float32 take 40 x 16,428 x 4 bytes = 2.5 MiB (uint8 ones a quarter of that)
+    assert fit(total=40, cache_gib=2.4 / 1024).method == "randomized"
+    assert fit(total=40, cache_gib=2.6 / 1024).method == "gram"
+    # the costs: gram N^2 D against randomized 4 (2 + power_iters) N D (K + oversample)
+    assert fit(total=40, power_iters=0, oversample=0).method == "gram"  # 4 x 2 x 6 = 48 >= 40 images
+    assert fit(3, total=40, power_iters=0, oversample=0).method == "randomized"  # 4 x 2 x 3 = 24 < 40
+    assert fit(40, total=40).method == "randomized"  # gram gives at most N - 1 components
+
+
+def test_uint8_images_are_the_same_as_their_float_values():
+    x = planted(n=60, size=6, rank=4, noise=0.1)
+    u8 = (x * 255).round().to(torch.uint8)
+    as_float = u8.float() / 255  # what ToTensor gives for these pixels
+    for method, k in (("exact", 10), ("randomized", 5), ("gram", 8)):
+        a = fit_pca(lambda: u8.split(16), 6, components=k, method=method, progress=False)
+        b = fit_pca(lambda: as_float.split(16), 6, components=k, method=method, progress=False)
+        assert a.sha256 == b.sha256, method
+
+
+def test_randomized_passes_read_the_images_once_when_they_fit():
+    x = planted(n=200, size=8, rank=12, noise=0.1)
+    reads = []
+
+    def batches():
+        reads.append(1)
+        return iter(list(x.split(50)))
+
+    kept = fit_pca(batches, 8, components=8, method="randomized", power_iters=2, progress=False)
+    assert len(reads) == 1
+    reads.clear()
+    streamed = fit_pca(batches, 8, components=8, method="randomized", power_iters=2, cache_gib=0, progress=False)
+    assert len(reads) == 4  # 2 + power_iters passes, each reading the images
+    assert kept.sha256 == streamed.sha256
+    assert 0 < default_cache_gib() <= 8
+
+
+def test_default_workers_use_the_cores_for_many_images():
+    assert default_workers(AUTO_WORKERS_MIN_IMAGES - 1) == 0
+    assert 1 <= default_workers(AUTO_WORKERS_MIN_IMAGES) <= (os.cpu_count() or 1)
+
+
 # ---------------------------------------------------------------------- rank split
 @pytest.mark.parametrize("counts", [[7, 7, 7, 3], [1, 1, 1, 1, 1], [100], [5, 9, 2, 8, 4, 6]])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -250,6 +360,30 @@ def test_stats_from_mds_are_the_reference_and_the_basis_standardisation(jpeg_mds
         with pytest.raises(OptionError) as e:
             compute_pixel_stats(str(jpeg_mds), **{"image_size": 16, "progress": False, **kwargs})
         assert e.value.key == key
+
+
+def test_shard_images_are_the_eval_transform_pixels_as_uint8(jpeg_mds):
+    from magma_composer.data.dataset import decode_image
+
+    _, shards = open_shards(str(jpeg_mds), split="train")
+    for size in (16, 8, 11):  # as stored, and resized (shorter side, bicubic) + centre-cropped
+        images = ShardImages(shards, [(0, shards[0].samples)], size)
+        for i in range(3):
+            item = images[i]
+            expected = eval_transform(size, normalize="none")(decode_image(shards[0].get_item(i)["x"]))
+            assert item.dtype == torch.uint8 and item.shape == (3 * size * size,)
+            assert torch.equal(item.float() / 255, expected.reshape(-1))
+
+
+def test_gram_from_mds_is_the_exact_basis(jpeg_mds):
+    exact = fit_basis(str(jpeg_mds), split="train", image_size=16, components=8, method="exact", progress=False)
+    gram = fit_basis(
+        str(jpeg_mds), split="train", image_size=16, components=8, method="gram", batch_size=16, progress=False
+    )
+    assert gram.method == "gram" and gram.num_images == 40
+    assert max_angle(exact.components[:, :5], gram.components[:, :5]) < 1e-4
+    assert torch.allclose(gram.eigenvalues, exact.eigenvalues, rtol=1e-5)
+    assert torch.allclose(gram.mean, exact.mean, rtol=0, atol=1e-12)
 
 
 def test_fit_resizes_shorter_side_and_centre_crops(jpeg_mds):

@@ -5,9 +5,15 @@ Examples:
     python -m magma_composer.pca fit --data /data/cifar10-mds --split train --image-size 32 --out c10-32.pt
     python -m magma_composer.pca fit --data s3://bucket/imagenet --split train --image-size 224 \\
         --components 2048 --max-images 200000 --num-workers 8 --out in1k-224-k2048.pt
+    python -m magma_composer.pca fit --data /data/in-4k --image-size 224 --components 1024 --out in4k-224.pt
     composer -n 8 -m magma_composer.pca fit ...      # each rank reads its own shards
     python -m magma_composer.pca stats --data /data/cifar10-mds --split train --image-size 32 --out c10-32-stats.pt
     python -m magma_composer.pca info c10-32.pt
+
+At ``D > 16,384`` and one rank, ``--method auto`` fits exactly through the images' Gram matrix (one pass; the
+images kept in memory, ``N x D`` bytes) when that costs less than the randomized method, e.g. 4,096 images at
+224 px with ``--components 1024``; otherwise randomized (``2 + --power-iters`` passes, only the first decoding
+the images when they fit ``--cache-gib``).
 
 ``stats`` computes only the per-pixel mean and standard deviation (one pass, the fit's first), for the data
 sets' ``normalize: pixel``; it takes the fit's data options and runs on several ranks the same way.
@@ -47,7 +53,12 @@ def _add_data_options(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-images", type=int, default=None, help="use only the first N images")
-    parser.add_argument("--num-workers", type=int, default=0, help="JPEG-decoding processes per rank")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="JPEG-decoding processes per rank (default: the rank's share of the cores; 0 below 1,024 images)",
+    )
     parser.add_argument("--local", default=None, help="cache folder for remote shards")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
@@ -62,10 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a basis from MDS image shards")
     _add_data_options(fit, "basis file to write (.pt)")
     fit.add_argument("--components", type=int, default=None, help="K (default min(N, D) for the exact method)")
-    fit.add_argument("--method", default="auto", help=f"one of {', '.join(METHODS)}; auto is exact up to D = 16,384")
+    fit.add_argument(
+        "--method",
+        default="auto",
+        help=f"one of {', '.join(METHODS)}; auto is exact up to D = 16,384, above it gram or randomized (cheaper)",
+    )
     fit.add_argument("--oversample", type=int, default=None, help="randomized: extra directions (max(16, K/10))")
     fit.add_argument("--power-iters", type=int, default=2, help="randomized: power iterations (passes = 2 + this)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument(
+        "--cache-gib",
+        type=float,
+        default=None,
+        help="GiB for the decoded images kept between passes (default: a quarter of the memory, at most 8)",
+    )
     stats = sub.add_parser("stats", help="per-pixel mean and std only (for normalize: pixel), one pass")
     _add_data_options(stats, "statistics file to write (.pt)")
     info = sub.add_parser("info", help="check a basis or statistics file and print what it holds")
@@ -115,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
                 oversample=args.oversample,
                 power_iters=args.power_iters,
                 seed=args.seed,
+                cache_gib=args.cache_gib,
                 **_data_options(args),
             ).summary()
         else:

@@ -1,10 +1,16 @@
-"""Fitting the PCA basis of docs/algorithms.md §3, exactly for small images and by streaming for large ones.
-
-Both methods stream the images in batches and never hold all ``N x D`` of them:
+"""Fitting the PCA basis of docs/algorithms.md §3: exactly for small images or few images, by streaming otherwise.
 
 * ``exact`` (``D`` up to about 16k): one pass accumulates, in float64, the per-pixel sums and the
   ``D x D`` matrix of products; the covariance of the standardised images follows from them, and its
   full eigendecomposition gives the basis (``K = min(N, D)`` components unless fewer are asked for).
+* ``gram`` (any ``D``, ``N`` up to about 16k; one rank): exact for ``K < N`` in one pass over the data. The
+  pass keeps the images in memory (``uint8`` as the shards give them: ``N x D`` bytes, within ``cache_gib``)
+  and sums the per-pixel statistics; then, a block of pixels at a time, the standardised images ``Z`` give
+  the ``N x N`` Gram matrix ``G = Z Z^T / N`` (float32 products summed in float64; only its lower triangle),
+  whose top-``K`` eigenpairs ``(lambda, u)`` give the components ``v = Z^T u / sqrt(N lambda)`` (the
+  eigenvectors of ``C = Z^T Z / N``) in a second sweep over the images in memory. Cost ``N^2 D`` against the
+  randomized method's ``4 (2 + power_iters) N D (K + oversample)``: ``method='auto'`` takes it when it is the
+  cheaper one (and the images fit ``cache_gib``).
 * ``randomized`` (any ``D``; ``O(D * K)`` memory): a block power iteration on the covariance ``C`` of the
   standardised images ``z``. The first pass collects the per-pixel sums and, at the same time, the
   product of the raw second moments with a random ``D x L`` matrix (``L = K + oversample``), from which
@@ -13,7 +19,8 @@ Both methods stream the images in batches and never hold all ``N x D`` of them:
   device, float64 accumulation) and re-orthonormalises by QR. The last pass's product ``Y = C Q`` gives
   the Nystrom approximation ``C ~ Y (Q^T Y)^-1 Y^T``, whose top-``K`` eigenpairs (from an ``L x L``
   Cholesky factor and a QR + SVD of a ``D x L`` matrix) are the basis. Passes over the data:
-  ``2 + power_iters``.
+  ``2 + power_iters``; only the first decodes the images when they fit ``cache_gib`` (they are kept in
+  memory, ``uint8`` as the shards give them, and the later passes read that copy).
 
 Ratios ``rho`` are eigenvalues divided by the total variance of ``z``, computed exactly from the first
 pass's sums (the number of non-constant pixels), so a truncated basis reports ``sum(rho) < 1``.
@@ -34,13 +41,17 @@ import torch
 from composer.utils import dist
 from tqdm.auto import tqdm
 
-from magma_composer.options import OptionError, check_choice, check_int
+from magma_composer.options import OptionError, check_choice, check_int, check_number
 from magma_composer.pca.basis import PCABasis, PixelStats, check_output_path, save_basis, save_pixel_stats
 
 __all__ = [
+    "AUTO_WORKERS_MIN_IMAGES",
     "EXACT_MAX_DIM",
+    "GRAM_MAX_IMAGES",
     "METHODS",
     "compute_pixel_stats",
+    "default_cache_gib",
+    "default_workers",
     "fit_basis",
     "fit_pca",
     "fit_pixel_stats",
@@ -51,7 +62,20 @@ log = logging.getLogger(__name__)
 
 #: ``method='auto'`` fits the exact basis up to this many values per image (64 x 64 x 3 = 12,288 fit).
 EXACT_MAX_DIM = 16_384
-METHODS = ("auto", "exact", "randomized")
+METHODS = ("auto", "exact", "gram", "randomized")
+#: ``method='auto'`` considers the gram method up to this many images (its ``N x N`` eigendecomposition
+#: grows as ``N^3``: about 10 s at 4,096 images, 10 min at 16,384 on two cores).
+GRAM_MAX_IMAGES = 16_384
+#: ``num_workers=None`` decodes in the main process below this many images per rank (starting the
+#: workers would cost more than it saves).
+AUTO_WORKERS_MIN_IMAGES = 1024
+
+#: The gram method's pixels per block: an ``N x 4096`` float32 block of standardised images at a time.
+_COLUMN_BLOCK = 4096
+#: Its rows per product: blocks of the Gram matrix's lower triangle (smaller ones waste less above the diagonal).
+_ROW_BLOCK = 512
+#: A gram eigenvalue below this fraction of the largest is at the float32 products' rounding level.
+_GRAM_FLOOR = 1e-6
 
 #: Pixels whose variance is below this are constant in the data set (far below one 8-bit step squared).
 _CONSTANT_VAR = 1e-12
@@ -60,13 +84,73 @@ Batches = Callable[[], Iterable[torch.Tensor]]
 T = TypeVar("T")
 
 
+def default_cache_gib() -> float:
+    """The default memory for images kept between passes: a quarter of the machine's memory, at most 8 GiB."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: assume a small machine
+        physical = 8.0
+    return min(8.0, physical / 4)
+
+
+def default_workers(count: int) -> int:
+    """Loader processes per rank for ``num_workers=None``: this rank's share of the cores, none for few images."""
+    if count < AUTO_WORKERS_MIN_IMAGES:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, dist.get_local_world_size()))
+
+
+def _as_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``b x D`` float32 on ``device``: ``uint8`` pixels (the shards' images) scaled by 1/255 as ``ToTensor`` does."""
+    flat = batch.reshape(batch.shape[0], -1)
+    if flat.dtype == torch.uint8:
+        return flat.to(device, non_blocking=True).float().div_(255)
+    return flat.to(device, torch.float32, non_blocking=True)
+
+
+def _own(batch: torch.Tensor) -> torch.Tensor:
+    """``batch`` as a tensor to keep: a loader worker's shared-memory batch is copied (each holds a file handle)."""
+    return batch.clone() if batch.is_shared() else batch
+
+
+class _Replay:
+    """``batches`` whose first pass is kept in memory, as given, when it fits ``budget`` bytes.
+
+    Later passes then read that copy instead of decoding the images again; when the images do not fit, each
+    pass reads ``batches`` anew.
+    """
+
+    def __init__(self, batches: Batches, budget: float) -> None:
+        self.batches, self.budget = batches, budget
+        self.kept: list[torch.Tensor] | None = None
+
+    def __call__(self) -> Iterable[torch.Tensor]:
+        return iter(self.kept) if self.kept is not None else self._first()
+
+    def _first(self) -> Iterator[torch.Tensor]:
+        kept: list[torch.Tensor] | None = []
+        size = 0
+        for batch in self.batches():
+            if kept is not None:
+                size += batch.numel() * batch.element_size()
+                if size <= self.budget:
+                    kept.append(_own(batch))
+                else:
+                    log.info("the images pass cache_gib = %.3g GiB: every pass decodes them", self.budget / 2**30)
+                    kept = None
+            yield batch
+        if kept is not None:
+            self.kept = kept
+
+
 def _passes(
     batches: Batches, dim: int, device: torch.device, desc: str, total: int | None, progress: bool
 ) -> Iterator[torch.Tensor]:
     """One pass over the data: float32 ``b x D`` batches on ``device``, with a progress bar on rank 0."""
     bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and dist.get_global_rank() == 0), leave=False)
     for batch in batches():
-        batch = batch.to(device, torch.float32, non_blocking=True).reshape(batch.shape[0], -1)
+        batch = _as_float(batch, device)
         if batch.shape[1] != dim:
             raise ValueError(f"images have {batch.shape[1]} values each, but channels * image_size^2 = {dim}")
         yield batch
@@ -96,9 +180,10 @@ def _first_pass(
     s2 = torch.zeros(dim, dtype=torch.float64, device=device)
     for x in _passes(batches, dim, device, desc, total, progress):
         n += x.shape[0]
-        x64 = x.double()
-        s1 += x64.sum(0)
-        s2 += (x64 * x64).sum(0)
+        for start in range(0, dim, _COLUMN_BLOCK):  # blocks of pixels: the float64 copy stays in the cache
+            x64 = x[:, start : start + _COLUMN_BLOCK].double()
+            s1[start : start + _COLUMN_BLOCK] += x64.sum(0)
+            s2[start : start + _COLUMN_BLOCK] += x64.square_().sum(0)
         if also is not None:
             also(x)
     for t in (n, s1, s2):
@@ -152,8 +237,17 @@ def _check_options(
     power_iters: int,
     seed: int,
     device: str | torch.device | None,
-) -> tuple[int, str, int, torch.device]:
-    """Checks the options of :func:`fit_pca`; returns ``(D, method, oversample, device)`` with defaults resolved.
+    cache_gib: float | None = None,
+    total: int | None = None,
+    value_bytes: int = 4,
+) -> tuple[int, str, int, torch.device, float]:
+    """Checks the options of :func:`fit_pca`; returns ``(D, method, oversample, device, cache bytes)`` resolved.
+
+    ``method='auto'`` is ``exact`` up to ``D = EXACT_MAX_DIM``; above, ``gram`` when the number of images
+    ``total`` is known, on one rank, above ``K``, at most :data:`GRAM_MAX_IMAGES` and
+    ``4 (2 + power_iters) (K + oversample)`` (where the gram method costs less), with the ``uint8`` images
+    within ``cache_gib`` (``value_bytes`` per value: 1 for the shards' ``uint8`` images, 4 for float32 ones);
+    ``randomized`` otherwise.
 
     Raises:
         OptionError: an option is invalid; its ``key`` is the argument's name.
@@ -162,11 +256,13 @@ def _check_options(
     check_int("channels", channels, 1)
     dim = channels * image_size**2
     check_choice("method", method, METHODS)
-    if method == "auto":
-        method = "exact" if dim <= EXACT_MAX_DIM else "randomized"
+    if cache_gib is None:
+        cache_gib = default_cache_gib()
+    cache_bytes = check_number("cache_gib", cache_gib, 0.0) * 2**30
     if components is None:
-        if method == "randomized":
-            raise OptionError("components", "is required for the randomized method (e.g. --components 1024)")
+        if method in ("randomized", "gram") or (method == "auto" and dim > EXACT_MAX_DIM):
+            name = "randomized" if method != "gram" else "gram"
+            raise OptionError("components", f"is required for the {name} method (e.g. --components 1024)")
     else:
         check_int("components", components, 1)
         if components > dim:
@@ -177,12 +273,21 @@ def _check_options(
             f"the exact method needs a D x D float64 matrix, {dim**2 * 8 / 2**30:.0f} GiB at D={dim}: use "
             "method='randomized' (--method randomized) with a number of components",
         )
+    if method == "gram" and dist.get_world_size() > 1:
+        raise OptionError("method", "the gram method runs on one rank (it holds every image); use 'randomized'")
     check_int("power_iters", power_iters, 0)
     if oversample is None:
         oversample = max(16, (components or 0) // 10)
     check_int("oversample", oversample, 0)
     check_int("seed", seed, -(2**63), 2**64 - 1)
-    return dim, method, oversample, resolve_device(device)
+    if method == "auto":
+        method = "exact" if dim <= EXACT_MAX_DIM else "randomized"
+        if method == "randomized" and total is not None and dist.get_world_size() == 1:
+            assert components is not None
+            cheaper = total <= min(GRAM_MAX_IMAGES, 4 * (2 + power_iters) * (components + oversample))
+            if components < total and cheaper and total * dim * value_bytes <= cache_bytes:
+                method = "gram"
+    return dim, method, oversample, resolve_device(device), cache_bytes
 
 
 def _fit_exact(
@@ -210,6 +315,74 @@ def _fit_exact(
     return count, mean, var, std, evecs, evals
 
 
+def _fit_gram(
+    batches: Batches,
+    dim: int,
+    components: int,
+    device: torch.device,
+    total: int | None,
+    progress: bool,
+    cache_bytes: float,
+) -> tuple:
+    held: list[torch.Tensor] = []
+    size = 0
+
+    def holding() -> Iterator[torch.Tensor]:
+        nonlocal size
+        for batch in batches():
+            size += batch.numel() * batch.element_size()
+            if size > cache_bytes:
+                raise ValueError(
+                    f"the gram method keeps the images in memory, and they take more than cache_gib = "
+                    f"{cache_bytes / 2**30:.3g} GiB: raise it (--cache-gib) or use method='randomized'"
+                )
+            held.append(_own(batch.reshape(batch.shape[0], -1)))
+            yield batch
+
+    n, s1, s2 = _first_pass(holding, dim, device, "PCA gram (read)", total, progress)
+    mean, var, std = _stats(n, s1, s2)
+    count = int(n.item())
+    if components >= count:
+        raise ValueError(
+            f"the gram method gives at most N - 1 = {count - 1} components from {count} images, "
+            f"{components} were asked for: ask for fewer or use method='randomized'"
+        )
+    mean32, inv_std32 = mean.float(), (1.0 / std).float()
+
+    def blocks(desc: str) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The standardised images, ``N x c`` float32 for each block of ``c`` pixels (as the passes compute them)."""
+        bar = tqdm(total=dim, desc=desc, unit="px", disable=not progress, leave=False)
+        for start in range(0, dim, _COLUMN_BLOCK):
+            stop = min(start + _COLUMN_BLOCK, dim)
+            z = _as_float(torch.cat([b[:, start:stop] for b in held]), device)
+            yield start, stop, z.sub_(mean32[start:stop]).mul_(inv_std32[start:stop])
+            bar.update(stop - start)
+        bar.close()
+
+    rows = [(i, min(i + _ROW_BLOCK, count)) for i in range(0, count, _ROW_BLOCK)]
+    gram = torch.zeros(count, count, dtype=torch.float64, device=device)
+    for _, _, z in blocks("PCA gram (products)"):
+        for a, (i0, i1) in enumerate(rows):
+            for j0, j1 in rows[: a + 1]:  # the lower triangle: eigh reads only that
+                gram[i0:i1, j0:j1] += z[i0:i1] @ z[j0:j1].T  # float32 product, float64 sum
+    gram.div_(count)
+    evals, evecs = torch.linalg.eigh(gram, UPLO="L")
+    del gram
+    evals, evecs = evals.flip(0)[:components], evecs.flip(1)[:, :components]
+    if float(evals[-1]) <= _GRAM_FLOOR * float(evals[0]):
+        rank = int((evals > _GRAM_FLOOR * evals[0]).sum())
+        raise ValueError(
+            f"the images span about {rank} directions above the float32 rounding level, {components} components "
+            f"were asked for: ask for at most {rank} (or use method='exact' for small images)"
+        )
+    weights = (evecs / (count * evals).sqrt()).float()  # v = Z^T u / sqrt(N lambda)
+    del evecs
+    vectors = torch.empty(dim, components, dtype=torch.float32, device=device)
+    for start, stop, z in blocks("PCA gram (components)"):
+        torch.mm(z.T, weights, out=vectors[start:stop])
+    return count, mean, var, std, vectors, evals
+
+
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of ``y``'s columns, rank 0's on every rank (QR can differ in the last bits)."""
     q = torch.linalg.qr(y)[0].contiguous()
@@ -227,7 +400,9 @@ def _fit_randomized(
     device: torch.device,
     total: int | None,
     progress: bool,
+    cache_bytes: float,
 ) -> tuple:
+    batches = _Replay(batches, cache_bytes)
     width = min(components + oversample, dim)
     gen = torch.Generator().manual_seed(seed)
     omega = torch.randn(dim, width, generator=gen, dtype=torch.float32).to(device)
@@ -296,18 +471,21 @@ def fit_pca(
     device: str | torch.device | None = None,
     total: int | None = None,
     progress: bool = True,
+    cache_gib: float | None = None,
 ) -> PCABasis:
     """Fits the basis to images streamed by ``batches``; the core of :func:`fit_basis`.
 
     Args:
         batches (Callable[[], Iterable[torch.Tensor]]): returns a fresh iterator over this rank's images at
-            each call (one call per pass): ``b x D`` (or ``b x C x S x S``) tensors of pixels in [0, 1],
-            flattened in C, H, W order.
+            each call (one call per pass): ``b x D`` (or ``b x C x S x S``) tensors of pixels, flattened in C,
+            H, W order: floats in [0, 1], or ``uint8`` in 0..255 (scaled by 1/255).
         image_size (int): image side ``S``, ``>= 1``.
         channels (int): image channels ``C``, ``>= 1``; ``D = C * S * S``.
         components (int, optional): ``K`` in ``[1, D]``; default ``min(N, D)`` for the exact method (required
             otherwise).
-        method (str): ``'exact'``, ``'randomized'`` or ``'auto'`` (exact up to ``D = 16,384``).
+        method (str): ``'exact'``, ``'gram'``, ``'randomized'`` or ``'auto'`` (exact up to ``D = 16,384``;
+            above, gram when ``total`` is known and gram costs less, see the module's text; randomized
+            otherwise).
         oversample (int, optional): extra random directions for the randomized method, ``>= 0``; default
             ``max(16, K // 10)``.
         power_iters (int): power iterations of the randomized method, ``>= 0`` (passes over the data:
@@ -315,8 +493,12 @@ def fit_pca(
         seed (int): seed of the random start block.
         device (str | torch.device, optional): ``'cpu'`` or ``'cuda'``, where the products run; default CUDA
             when available.
-        total (int, optional): images per pass on this rank, for the progress bar.
+        total (int, optional): images per pass on this rank, for the progress bar and ``method='auto'`` (which
+            counts 4 bytes per value against ``cache_gib``).
         progress (bool): show progress bars (rank 0 only).
+        cache_gib (float, optional): GiB of memory for the images kept between passes (the gram method
+            needs them all; the randomized one reads them again from ``batches`` when they do not fit),
+            ``>= 0``; default :func:`default_cache_gib` (a quarter of the memory, at most 8 GiB).
 
     Returns:
         PCABasis: the basis (not yet saved; its hash is set).
@@ -324,13 +506,26 @@ def fit_pca(
     Raises:
         OptionError: an option is invalid (a ``ValueError`` whose ``key`` names the argument), checked before
             the first batch is read.
-        ValueError: the images are unusable (fewer than 2, wrong size, or every pixel constant).
+        ValueError: the images are unusable (fewer than 2, wrong size, or every pixel constant; for the gram
+            method: more than ``cache_gib``, or spanning fewer than ``K`` directions).
     """
-    dim, method, oversample, device = _check_options(
-        image_size, channels, components, method, oversample, power_iters, seed, device
+    dim, method, oversample, device, cache_bytes = _check_options(
+        image_size, channels, components, method, oversample, power_iters, seed, device, cache_gib, total
     )
     return _fit(
-        batches, image_size, channels, dim, components, method, oversample, power_iters, seed, device, total, progress
+        batches,
+        image_size,
+        channels,
+        dim,
+        components,
+        method,
+        oversample,
+        power_iters,
+        seed,
+        device,
+        total,
+        progress,
+        cache_bytes,
     )
 
 
@@ -347,14 +542,18 @@ def _fit(
     device: torch.device,
     total: int | None,
     progress: bool,
+    cache_bytes: float,
 ) -> PCABasis:
     """:func:`fit_pca` on options already checked and resolved by :func:`_check_options`."""
     if method == "exact":
         count, mean, var, std, evecs, evals = _fit_exact(batches, dim, components, device, total, progress)
+    elif method == "gram":
+        assert components is not None
+        count, mean, var, std, evecs, evals = _fit_gram(batches, dim, components, device, total, progress, cache_bytes)
     else:
         assert components is not None
         count, mean, var, std, evecs, evals = _fit_randomized(
-            batches, dim, components, oversample, power_iters, seed, device, total, progress
+            batches, dim, components, oversample, power_iters, seed, device, total, progress, cache_bytes
         )
     total_variance = float((var / (std * std)).sum().item())
     if total_variance <= 0:
@@ -397,13 +596,14 @@ def _raise_together(error: BaseException | None) -> None:
 
 
 def _check_stream_options(
-    batch_size: int, max_images: int | None, num_workers: int, overwrite: bool, progress: bool
+    batch_size: int, max_images: int | None, num_workers: int | None, overwrite: bool, progress: bool
 ) -> None:
     """Checks the options that :func:`fit_basis` and :func:`compute_pixel_stats` share for reading the shards."""
     check_int("batch_size", batch_size, 1)
     if max_images is not None:
         check_int("max_images", max_images, 2)
-    check_int("num_workers", num_workers, 0)
+    if num_workers is not None:
+        check_int("num_workers", num_workers, 0)
     if not isinstance(overwrite, bool):
         raise OptionError("overwrite", f"expected true or false, got {overwrite!r}")
     if not isinstance(progress, bool):
@@ -417,7 +617,7 @@ def _open_images(
     split: str | None,
     batch_size: int,
     max_images: int | None,
-    num_workers: int,
+    num_workers: int | None,
     local: str | None,
     device: torch.device,
     overwrite: bool,
@@ -455,6 +655,8 @@ def _open_images(
     for i, _ in share:
         stream.prepare_shard(shards[i])
     images = ShardImages(shards, share, image_size)
+    if num_workers is None:
+        num_workers = default_workers(len(images))
 
     def batches() -> Iterable[torch.Tensor]:
         return torch.utils.data.DataLoader(
@@ -488,16 +690,19 @@ def fit_basis(
     oversample: int | None = None,
     power_iters: int = 2,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     local: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    cache_gib: float | None = None,
 ) -> PCABasis:
     """Fits the PCA basis of an MDS image data set and (on rank 0) writes it to ``out``.
 
     Images come from the ``x`` column (JPEG bytes), are resized (shorter side to ``image_size``, bicubic) and
-    centre-cropped without augmentation, scaled to [0, 1] and flattened in C, H, W order. Under
+    centre-cropped without augmentation, scaled to [0, 1] and flattened in C, H, W order. Loader processes
+    decode them while the products run on all the cores' threads; the decoded images (``uint8``) are kept in
+    memory within ``cache_gib``, so that only the first pass decodes. Under
     ``torch.distributed`` (initialised, e.g. by ``composer.utils.dist.initialize_dist``) each rank reads its
     own whole shards (no sample is read twice) and the sums are all-reduced.
 
@@ -512,17 +717,20 @@ def fit_basis(
             It must not be a directory, its folder must be writable, and an existing file is kept unless
             ``overwrite``.
         split (str, optional): sub-folder of ``data`` (``'train'``).
-        method (str): ``'auto'``, ``'exact'`` or ``'randomized'``.
+        method (str): ``'auto'``, ``'exact'``, ``'gram'`` or ``'randomized'`` (see :func:`fit_pca`; ``auto``
+            knows the number of images here).
         batch_size (int): images per product, ``>= 1``.
         max_images (int, optional): use only the first ``max_images`` images (in shard order), ``>= 2``.
         oversample (int, optional): see :func:`fit_pca`.
         power_iters (int): see :func:`fit_pca`.
         seed (int): see :func:`fit_pca`.
-        num_workers (int): data loader processes decoding JPEGs, per rank, ``>= 0``.
+        num_workers (int, optional): data loader processes decoding JPEGs, per rank, ``>= 0``; default
+            :func:`default_workers` (this rank's share of the cores; none below 1,024 images).
         local (str, optional): cache folder for remote shards (default: under the temporary directory).
         device (str | torch.device, optional): see :func:`fit_pca`.
         progress (bool): progress bars.
         overwrite (bool): replace an existing file at ``out``. Default: ``False``.
+        cache_gib (float, optional): see :func:`fit_pca`.
 
     Returns:
         PCABasis: the basis, with ``path`` set when it was written.
@@ -532,15 +740,31 @@ def fit_basis(
         ValueError: the images are unusable (see :func:`fit_pca`).
         OSError, RuntimeError: reading the shards or writing ``out`` failed (a failed write leaves nothing behind).
     """
-    dim, method, oversample, device = _check_options(
-        image_size, 3, components, method, oversample, power_iters, seed, device
+    dim, _, _, device, _ = _check_options(
+        image_size, 3, components, method, oversample, power_iters, seed, device, cache_gib
     )
     _check_stream_options(batch_size, max_images, num_workers, overwrite, progress)
     batches, count, out = _open_images(
         data, image_size, out, split, batch_size, max_images, num_workers, local, device, overwrite
     )
+    # again with the number of images known, for method='auto' (the options were checked before any read)
+    dim, method, oversample, device, cache_bytes = _check_options(
+        image_size, 3, components, method, oversample, power_iters, seed, device, cache_gib, count, value_bytes=1
+    )
     basis = _fit(
-        batches, image_size, 3, dim, components, method, oversample, power_iters, seed, device, count, progress
+        batches,
+        image_size,
+        3,
+        dim,
+        components,
+        method,
+        oversample,
+        power_iters,
+        seed,
+        device,
+        count,
+        progress,
+        cache_bytes,
     )
     if out is None:
         return basis
@@ -602,7 +826,7 @@ def compute_pixel_stats(
     split: str | None = None,
     batch_size: int = 256,
     max_images: int | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     local: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
@@ -620,7 +844,8 @@ def compute_pixel_stats(
         split (str, optional): sub-folder of ``data`` (``'train'``).
         batch_size (int): images per batch, ``>= 1``.
         max_images (int, optional): use only the first ``max_images`` images (in shard order), ``>= 2``.
-        num_workers (int): data loader processes decoding JPEGs, per rank, ``>= 0``.
+        num_workers (int, optional): data loader processes decoding JPEGs, per rank, ``>= 0``; default as
+            :func:`fit_basis`.
         local (str, optional): cache folder for remote shards.
         device (str | torch.device, optional): where the sums run.
         progress (bool): progress bars.
