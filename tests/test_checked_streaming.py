@@ -102,3 +102,49 @@ def test_bad_options_are_refused(remote, tmp_path, bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
         CheckedStreamingDataset(remote=str(remote), local=str(tmp_path / "c"), split="train", batch_size=4, **bad)
+
+
+def _steal_prefixes(monkeypatch, times: int) -> list:
+    """Another process takes the prefix streaming found before streaming creates it, ``times`` times in a row."""
+    from multiprocessing import shared_memory
+
+    from streaming.base.shared import prefix
+
+    search, taken, attempts = prefix._check_and_find_retrying, {}, []
+
+    def racing_search(streams_local, streams_remote, shm_name, retry):
+        if shm_name == "locals":  # the first search of each attempt
+            attempts.append(shm_name)
+        found = search(streams_local, streams_remote, shm_name=shm_name, retry=retry)
+        # streaming takes the largest prefix its searches found: take each one found, until `times` attempts
+        if len(attempts) <= times and found not in taken:
+            taken[found] = shared_memory.SharedMemory(name=f"{found:06}_locals", create=True, size=8)
+        return found
+
+    monkeypatch.setattr(prefix, "_check_and_find_retrying", racing_search)
+    return attempts, taken
+
+
+def test_a_prefix_taken_by_another_process_is_searched_again(remote, tmp_path, monkeypatch):
+    attempts, taken = _steal_prefixes(monkeypatch, times=2)
+    try:
+        dataset = CheckedStreamingDataset(remote=str(remote), local=str(tmp_path / "c"), split="train", batch_size=4)
+        assert len(attempts) == 3  # lost the race twice, came up on the third search
+        assert sorted(int(s["i"]) for s in dataset) == list(range(48))
+        dataset.release()
+    finally:
+        for shm in taken.values():
+            shm.close()
+            shm.unlink()
+
+
+def test_a_prefix_race_lost_every_time_is_one_clear_error(remote, tmp_path, monkeypatch):
+    attempts, taken = _steal_prefixes(monkeypatch, times=100)
+    try:
+        with pytest.raises(RuntimeError, match="another process took streaming's shared-memory name .*_locals"):
+            CheckedStreamingDataset(remote=str(remote), local=str(tmp_path / "c"), split="train", batch_size=4)
+        assert len(attempts) == 5
+    finally:
+        for shm in taken.values():
+            shm.close()
+            shm.unlink()

@@ -32,6 +32,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from composer.utils import dist as composer_dist
 from streaming import StreamingDataset
 from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
@@ -309,8 +310,21 @@ class CheckedStreamingDataset(StreamingDataset):
                 validate_hash = "xxh64" if "xxh64" in hashes else (hashes[0] if hashes else None)
         elif validate_hash == "auto":
             validate_hash = None
-        with _closing_prefix_probes():
-            super().__init__(*args, validate_hash=validate_hash, **kwargs)
+        # streaming finds a free shared-memory prefix, then creates it: another process starting a data set in
+        # between takes the same prefix and this one fails with FileExistsError; a single rank searches again
+        attempts = 5 if composer_dist.get_local_world_size() == 1 else 1
+        for attempt in range(attempts):
+            try:
+                with _closing_prefix_probes():
+                    super().__init__(*args, validate_hash=validate_hash, **kwargs)
+                break
+            except FileExistsError as exc:
+                if attempt + 1 == attempts:
+                    raise RuntimeError(
+                        f"another process took streaming's shared-memory name {exc.filename} while this data set "
+                        "was being made; start the runs a few seconds apart"
+                    ) from None
+                time.sleep(0.2 * (attempt + 1))
         for stream in self.streams:
             if stream.remote is not None and str(stream.remote).startswith("s3://"):
                 stream._downloader = _BoundedS3Downloader()
