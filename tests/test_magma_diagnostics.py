@@ -237,3 +237,24 @@ def test_trace_writes_per_step_magma_diagnostics(demo_mds, tmp_path):
         assert 0 < row["magma/rayleigh"] < 2
         assert row["loss/train/magma"] == pytest.approx(row["magma/term"], rel=1e-5)
         assert row["loss/train/mae"] > 0
+
+
+def test_magnitude_reads_a_composer_checkpoint(demo_mds, tmp_path):
+    from magma_composer.models import ComposerMAE
+
+    sizes = {"img_size": 32, "patch_size": 8, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}
+    common = dict(encoder=json.dumps(TINY_MODEL["encoder"]), batch=12, data=str(demo_mds), reference=1, grads=False)
+    torch.manual_seed(11)
+    other = ComposerMAE(TINY_MODEL["encoder"], mask_ratio=0.75, **sizes)
+    path = tmp_path / "ep1.pt"
+    torch.save({"state": {"model": {"module." + k: v for k, v in other.state_dict().items()}}}, path)
+    fresh = diag.measure_magnitude(**common, **sizes)
+    loaded = diag.measure_magnitude(**common, **sizes, checkpoint=str(path))
+    assert loaded["checkpoint"] == str(path)
+    assert loaded["ours"] != pytest.approx(fresh["ours"], rel=1e-3)  # other weights, other features
+    assert loaded["ratio_original_fp32_to_ours"] == pytest.approx(1.0, rel=1e-5)
+    # the weights measure_magnitude itself starts from, as a checkpoint: the same numbers
+    torch.manual_seed(0)
+    same = ComposerMAE(TINY_MODEL["encoder"], mask_ratio=0.75, **sizes)
+    torch.save({"state": {"model": same.state_dict()}}, path)
+    assert diag.measure_magnitude(**common, **sizes, checkpoint=str(path))["ours"] == pytest.approx(fresh["ours"])
