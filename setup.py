@@ -30,6 +30,8 @@ extras_require = {
         "boto3",
         # reference implementations of NT-Xent and VICReg that the loss tests compare against
         "lightly>=1.5",
+        # experiments/magma_diagnostics.py's plots (already installed with mosaicml-streaming)
+        "matplotlib",
     ],
     "bench": ["scikit-learn"],
 }

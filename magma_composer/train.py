@@ -314,7 +314,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             model=model,
             train_dataloader=train_loader,
             eval_dataloader=eval_loader,
-            eval_interval=cfg.eval_interval or "1ep",
+            # Composer's default (1) when there is nothing to evaluate: it warns about any other value
+            eval_interval=(cfg.eval_interval or "1ep") if eval_loader is not None else 1,
             max_duration=cfg.max_duration,
             optimizers=optimizer,
             schedulers=scheduler,
