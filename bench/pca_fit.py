@@ -1,14 +1,17 @@
 """The PCA basis fit at 224 px: ``python -m magma_composer.pca fit`` against scikit-learn's ``IncrementalPCA``.
 
 The data, as a user would feed it: the first ``--images`` CIFAR-10 training images, upsampled to ``--size``
-(bilinear) and stored as JPEGs (quality 90) in MDS shards in a work folder. Both fits then start from those
-JPEGs, one after the other in this run:
+(bilinear) and stored as JPEGs (quality 90) in a work folder, both in MDS shards (for our command line) and as
+the same JPEG files in a folder (for scikit-learn). Both fits then start from those JPEGs, one after the other
+in this run:
 
 * ours: the command line, ``python -m magma_composer.pca fit --data WORK --split train --image-size S
   --components K`` with its defaults (``--method auto``, which is ``gram`` at the default size; loader
   workers and threads on every core), in a new process, so the time includes starting Python and importing
   torch;
-* scikit-learn: the JPEGs decoded with PIL into an ``N x D`` float32 array in [0, 1] (C, H, W order, as our
+* scikit-learn, in its own process that imports neither torch nor this package (two OpenMP runtimes in one
+  process, torch's and OpenBLAS's, slowed ``IncrementalPCA`` down many times here): the JPEG files decoded with
+  PIL into an ``N x D`` float32 array in [0, 1] (C, H, W order, as our
   fit reads them), standardised with the per-pixel mean and std (float64 statistics, as our basis defines
   ``z``) and given to ``IncrementalPCA(n_components=K, batch_size=B).fit``. ``B`` defaults to ``K``, the
   fastest ``IncrementalPCA`` allows (each batch costs an SVD of ``(K + B) x D``). Its time is the decode +
@@ -43,16 +46,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
+if TYPE_CHECKING:
+    import torch
+
+# torch and this package are imported where they are used: the IncrementalPCA child process imports neither
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-from magma_composer.pca import load_basis  # noqa: E402
-from magma_composer.pca.source import open_shards  # noqa: E402
 
 #: Pixels per block of the reference's float64 products (N x 4096 float64 at a time).
 BLOCK = 4096
@@ -66,11 +70,14 @@ def build_data(source: str, split: str, n: int, size: int, out: Path) -> float:
     """
     from streaming import MDSWriter
 
+    from magma_composer.pca.source import open_shards
+
     start = time.perf_counter()
     _, shards = open_shards(source, split=split)
     if sum(s.samples for s in shards) < n:
         raise SystemExit(f"{source}/{split} holds {sum(s.samples for s in shards)} images, fewer than --images {n}")
     written = 0
+    (out / "files").mkdir(parents=True)
     with MDSWriter(out=str(out / "train"), columns={"x": "bytes", "y": "int"}, size_limit=1 << 26) as writer:
         for shard in shards:
             for i in range(shard.samples):
@@ -81,6 +88,7 @@ def build_data(source: str, split: str, n: int, size: int, out: Path) -> float:
                 buf = io.BytesIO()
                 image.save(buf, format="JPEG", quality=90)
                 writer.write({"x": buf.getvalue(), "y": int(sample.get("y", 0))})
+                (out / "files" / f"{written:06d}.jpg").write_bytes(buf.getvalue())
                 written += 1
     return time.perf_counter() - start
 
@@ -101,14 +109,42 @@ def run_ours(work: Path, size: int, k: int, extra: list[str]) -> tuple[float, Pa
 
 
 def decode_all(work: Path) -> np.ndarray:
-    """Every JPEG of the work folder decoded with PIL: ``N x D`` float32 in [0, 1], C, H, W order."""
-    _, shards = open_shards(str(work), split="train")
+    """Every JPEG file of the work folder decoded with PIL: ``N x D`` float32 in [0, 1], C, H, W order."""
     rows = []
-    for shard in shards:
-        for i in range(shard.samples):
-            pixels = np.asarray(Image.open(io.BytesIO(shard.get_item(i)["x"])).convert("RGB"))
-            rows.append(pixels.transpose(2, 0, 1).reshape(-1))
+    for path in sorted((work / "files").iterdir()):
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        rows.append(pixels.transpose(2, 0, 1).reshape(-1))
     return np.stack(rows).astype(np.float32) / np.float32(255)
+
+
+def sklearn_child(work: Path, k: int, batch: int) -> None:
+    """``IncrementalPCA`` from the JPEG files (this process imports no torch); writes times and components."""
+    from sklearn import __version__
+    from sklearn.decomposition import IncrementalPCA
+    from threadpoolctl import threadpool_info
+
+    assert "torch" not in sys.modules
+    start = time.perf_counter()
+    z = standardise(decode_all(work))
+    decoded = time.perf_counter() - start
+    start = time.perf_counter()
+    ipca = IncrementalPCA(n_components=k, batch_size=batch).fit(z)
+    fitted = time.perf_counter() - start
+    np.save(work / "sklearn.npy", ipca.components_)
+    blas = ", ".join(f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info())
+    record = {"decode_seconds": decoded, "fit_seconds": fitted, "blas": f"scikit-learn {__version__}; {blas}"}
+    (work / "sklearn.json").write_text(json.dumps(record))
+
+
+def run_sklearn(work: Path, k: int, batch: int) -> tuple[float, float, np.ndarray]:
+    """:func:`sklearn_child` in a new process; returns its decode and fit times and its ``K x D`` components."""
+    cmd = [sys.executable, __file__, "--sklearn-child", str(work), "--components", str(k), "--ipca-batch", str(batch)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=36000)
+    if done.returncode != 0:
+        raise SystemExit(f"IncrementalPCA failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    times = json.loads((work / "sklearn.json").read_text())
+    return times["decode_seconds"], times["fit_seconds"], np.load(work / "sklearn.npy")
 
 
 def standardise(x: np.ndarray) -> np.ndarray:
@@ -125,6 +161,8 @@ def standardise(x: np.ndarray) -> np.ndarray:
 
 def reference(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact top-``k`` PCA of the standardised images ``z`` in float64: ``(D x k components, eigenvalues, total)``."""
+    import torch
+
     n, d = z.shape
     gram = torch.zeros(n, n, dtype=torch.float64)
     for i in range(0, d, BLOCK):
@@ -141,6 +179,8 @@ def reference(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, floa
 
 def accuracy(components: torch.Tensor, exact: torch.Tensor, z: torch.Tensor, total: float) -> dict:
     """Principal angles (degrees) to the exact subspace and the variance captured, of ``D x K`` ``components``."""
+    import torch
+
     a = torch.linalg.qr(components.double())[0]  # orthonormal (both fits' are, to rounding)
     k = a.shape[1]
 
@@ -171,23 +211,27 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the upsampled data (default: a temporary one)")
     parser.add_argument("--ours-args", default="", help="extra arguments for our fit, e.g. '--method randomized'")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--sklearn-child", default=None, help=argparse.SUPPRESS)  # the IncrementalPCA process
     args = parser.parse_args()
     n, k, size = args.images, args.components, args.size
     batch = args.ipca_batch or k
+    if args.sklearn_child:
+        sklearn_child(Path(args.sklearn_child), k, batch)
+        return
+    import torch
+
+    from magma_composer.pca import load_basis
+
     if not 2 <= k < n or batch < k:
         raise SystemExit("need 2 <= --components < --images and --ipca-batch >= --components")
-    from sklearn import __version__ as sklearn_version
-    from sklearn.decomposition import IncrementalPCA
-    from threadpoolctl import threadpool_info
-
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pca-fit-bench-"))
-    if (work / "train").exists():
-        shutil.rmtree(work / "train")
+    for old in ("train", "files"):
+        if (work / old).exists():
+            shutil.rmtree(work / old)
     work.mkdir(parents=True, exist_ok=True)
-    blas = [f"{i['internal_api']} {i['num_threads']} threads" for i in threadpool_info()]
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__} "
-        f"{torch.get_num_threads()} threads; scikit-learn {sklearn_version}, NumPy BLAS: {', '.join(blas)}"
+        f"{torch.get_num_threads()} threads"
     )
     print(f"data: {n} CIFAR-10 images upsampled to {size} px (D = {3 * size * size}), K = {k}; work folder {work}")
     built = build_data(args.data, args.split, n, size, work)
@@ -200,25 +244,21 @@ def main() -> None:
     print(f"  {ours_seconds:.1f} s ({basis.method})")
 
     print(f"scikit-learn IncrementalPCA(n_components={k}, batch_size={batch})")
-    start = time.perf_counter()
-    z = standardise(decode_all(work))
-    decoded = time.perf_counter() - start
-    start = time.perf_counter()
-    ipca = IncrementalPCA(n_components=k, batch_size=batch).fit(z)
-    fitted = time.perf_counter() - start
-    print(f"  decode + standardise {decoded:.1f} s, fit {fitted:.1f} s")
+    decoded, fitted, sk_components = run_sklearn(work, k, batch)
+    blas = json.loads((work / "sklearn.json").read_text())["blas"]
+    print(f"  decode + standardise {decoded:.1f} s, fit {fitted:.1f} s (its BLAS: {blas})")
 
     print("exact float64 reference (Gram matrix)")
     start = time.perf_counter()
-    zt = torch.from_numpy(z)
+    zt = torch.from_numpy(standardise(decode_all(work)))
     exact, exact_evals, total = reference(zt, k)
     print(f"  {time.perf_counter() - start:.1f} s")
     ours_acc = accuracy(basis.components, exact, zt, total)
-    sk_acc = accuracy(torch.from_numpy(ipca.components_.T.copy()), exact, zt, total)
+    sk_acc = accuracy(torch.from_numpy(sk_components.T.copy()), exact, zt, total)
     ours_acc["eigenvalue_max_rel_error"] = float((basis.eigenvalues / exact_evals - 1).abs().max())
     results.update(
         ours={"seconds": ours_seconds, "method": basis.method, **ours_acc},
-        sklearn={"seconds": decoded + fitted, "decode_seconds": decoded, "fit_seconds": fitted, **sk_acc},
+        sklearn={"seconds": decoded + fitted, "blas": blas, "decode_seconds": decoded, "fit_seconds": fitted, **sk_acc},
         exact_captured_variance=float(exact_evals.sum()) / total,
         ratio_total=(decoded + fitted) / ours_seconds,
         ratio_fit_only=fitted / ours_seconds,
