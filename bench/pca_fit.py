@@ -9,12 +9,12 @@ in this run:
   --components K`` with its defaults (``--method auto``, which is ``gram`` at the default size; loader
   workers and threads on every core), in a new process, so the time includes starting Python and importing
   torch;
-* scikit-learn, in its own process that imports neither torch nor this package (two OpenMP runtimes in one
-  process, torch's and OpenBLAS's, slowed ``IncrementalPCA`` down many times here): the JPEG files decoded with
-  PIL into an ``N x D`` float32 array in [0, 1] (C, H, W order, as our
-  fit reads them), standardised with the per-pixel mean and std (float64 statistics, as our basis defines
-  ``z``) and given to ``IncrementalPCA(n_components=K, batch_size=B).fit``. ``B`` defaults to ``K``, the
-  fastest ``IncrementalPCA`` allows (each batch costs an SVD of ``(K + B) x D``). Its time is the decode +
+* scikit-learn, in its own process that imports neither torch nor this package, as a user's script would
+  (two OpenMP runtimes in one process, torch's and OpenBLAS's, can slow the BLAS down): the JPEG files
+  decoded with PIL into an ``N x D`` float32 array in [0, 1] (C, H, W order, as our fit reads them),
+  standardised with the per-pixel mean and std (float64 statistics, as our basis defines ``z``) and given to
+  ``IncrementalPCA(n_components=K, batch_size=B).fit``. ``B`` defaults to ``K``, the fastest
+  ``IncrementalPCA`` allows (each batch costs an SVD of ``(K + B) x D``). Its time is the decode +
   standardise time plus the fit time; the ratio is printed against both that total and the fit alone.
 
 Accuracy, against an exact float64 PCA of the same standardised images (the ``N x N`` Gram matrix in
