@@ -341,4 +341,5 @@ def test_gram_method_from_the_command_line_is_the_exact_basis(mds, tmp_path, cap
     gram = load_basis(out)
     exact = fit_basis(str(mds), split="train", image_size=8, components=4, method="exact", progress=False)
     cosines = torch.linalg.svdvals(exact.components.double().T @ gram.components.double())
-    assert float(cosines.min()) > 1 - 1e-8 and torch.allclose(gram.eigenvalues, exact.eigenvalues, rtol=1e-5)
+    # largest angle below 1.5e-3 rad: these random images have close eigenvalues (float32 products)
+    assert float(cosines.min()) > 1 - 1e-6 and torch.allclose(gram.eigenvalues, exact.eigenvalues, rtol=1e-5)
