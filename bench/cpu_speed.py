@@ -206,6 +206,8 @@ def bench_loader(args: argparse.Namespace) -> dict:
             "model.decoder_heads=4",
             f"max_duration={args.loader_steps + 2}ba",
             "eval_data=null",
+            "eval_interval=null",
+            "save_interval=null",
             "callbacks={}",
             "save_folder=null",
             "autoresume=false",

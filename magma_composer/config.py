@@ -118,7 +118,7 @@ class TrainConfig:
     #: fp32 | amp_fp16 | amp_bf16 | amp_fp8 (default: amp_bf16 on GPU and bf16 CPUs, else fp32; CPU: fp32, amp_bf16)
     precision: str | None = None
     device: str | None = None  #: cpu | gpu | mps (default: gpu when there is one)
-    cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: cores per rank - loader workers)
+    cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: the rank's share of the cores)
     device_train_microbatch_size: Union[int, str, None] = None  #: int or auto; default: the per-device batch
     eval_interval: Union[str, int, None] = None  #: needs eval_data; default 1ep
     progress_bar: bool = True

@@ -351,12 +351,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
 
 def cpu_threads(cfg: TrainConfig) -> int:
-    """Torch threads per rank on CPU: the recipe's ``cpu_threads``, else the cores left to each rank after its
-    loader workers (oversubscribed cores make small steps several times slower)."""
+    """Torch threads per rank on CPU: the recipe's ``cpu_threads``, else every core this process may use, shared
+    among the node's ranks. Loader workers are not subtracted: they decode between steps and measured runs were
+    fastest with every core computing (docs/benchmarks.md, "CPU training speed")."""
     if cfg.cpu_threads is not None:
         return max(1, cfg.cpu_threads)
-    per_rank = (os.cpu_count() or 1) // max(1, dist.get_local_world_size())
-    return max(1, per_rank - cfg.train_data.get("num_workers", 2))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, dist.get_local_world_size()))
 
 
 def _checkpoint_path(trainer: Trainer) -> str | None:

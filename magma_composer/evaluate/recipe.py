@@ -123,7 +123,7 @@ class EvalConfig:
     seed: int = 17
     device: str | None = None  #: cpu | gpu (default: gpu when there is one)
     precision: str | None = None  #: default: amp_bf16 on GPU and on a CPU with native bf16, else fp32
-    cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: cores per rank - loader workers)
+    cpu_threads: int | None = None  #: CPU runs: torch threads per rank (default: the rank's share of the cores)
     progress_bar: bool = True
     output: str | None = "runs/eval/{run_name}.json"  #: the JSON record ({run_name}, {protocol} filled in); null: none
     overwrite: bool = False  #: replace an existing record at ``output``
