@@ -78,7 +78,10 @@ def test_knn_monitor_linear_probe_and_mean_pooling(demo_mds):
     assert [label for label, _ in knn.probe_history] == ["init", "final"]
     assert all(0.0 <= v <= 100.0 for _, v in knn.probe_history)
     lines = knn.summary().splitlines()
-    assert lines[0].startswith("kNN top-1 (k=5): init ")
-    assert lines[1] == "linear-probe top-1: " + "  ->  ".join(f"{lb} {v:.2f} %" for lb, v in knn.probe_history)
+    # the summary says which features it measured
+    assert lines[0].startswith("kNN top-1 (k=5) on the mean of the patch tokens: init ")
+    assert lines[1] == "linear-probe top-1 on the mean of the patch tokens: " + "  ->  ".join(
+        f"{lb} {v:.2f} %" for lb, v in knn.probe_history
+    )
     with pytest.raises(OptionError, match="pool"):
         KNNMonitor(None, None, pool="max")

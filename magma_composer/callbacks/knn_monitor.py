@@ -225,10 +225,12 @@ class KNNMonitor(Callback):
         if not self.history:
             return "kNN top-1: not measured"
         k0 = self.ks[0]
+        features = "" if self.pool == "cls" else " on the mean of the patch tokens"
         parts = [f"{label} {res[k0]:.2f} %" for label, res in self.history]
-        lines = [f"kNN top-1 (k={k0}): " + "  ->  ".join(parts)]
+        lines = [f"kNN top-1 (k={k0}){features}: " + "  ->  ".join(parts)]
         if self.probe_history:
             lines.append(
-                "linear-probe top-1: " + "  ->  ".join(f"{label} {v:.2f} %" for label, v in self.probe_history)
+                f"linear-probe top-1{features}: "
+                + "  ->  ".join(f"{label} {v:.2f} %" for label, v in self.probe_history)
             )
         return "\n".join(lines)
