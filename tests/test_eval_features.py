@@ -23,6 +23,7 @@ from magma_composer.evaluate.features import (
 )
 from magma_composer.models import ComposerMAE
 from magma_composer.options import OptionError
+from magma_composer.precision import default_precision
 from tests.conftest import TINY_MODEL, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_extract_features_sorts_and_deduplicates_by_index(model_and_encoder, enc
     order = torch.tensor([7, 2, 9, 0, 5, 1, 8, 3, 6, 4, 2, 7])
     loader = Batches(x[order], y[order], order)
     for pool in ("cls", "mean"):
-        f, labels = extract_features(encoder, loader, pool=pool)
+        f, labels = extract_features(encoder, loader, pool=pool, precision="fp32")  # as the float32 model below
         assert f.dtype == torch.float32 and labels.dtype == torch.int64 and f.shape == (10, 32)
         assert torch.equal(labels, y)
         torch.testing.assert_close(f, model.extract_features(x, pool=pool), rtol=1e-5, atol=1e-6)
@@ -133,7 +134,7 @@ def test_real_streaming_loader_with_indices(model_and_encoder, encoder, demo_mds
     model, _ = model_and_encoder
     options = dict(remote=str(demo_mds), split="test", image_size=32)  # shuffled: the indices restore the order
     loader = build_image_dataloader(batch_size=8, num_workers=0, train=False, return_index=True, **options)
-    f, y = extract_features(encoder, loader)
+    f, y = extract_features(encoder, loader, precision="fp32")  # as the float32 model below
     loader.dataset.release()
     plain = StreamingImageDataset(**options, train=False, shuffle=False, batch_size=8)
     try:
@@ -155,7 +156,8 @@ def test_cache_hit_mismatch_and_corruption(encoder, tmp_path, caplog):
     first = cached_features(encoder, loader, DATA, cache_dir=tmp_path)
     files = list(tmp_path.iterdir())
     assert loader.passes == 1 and len(files) == 1 and files[0].suffix == ".pt"
-    assert torch.load(files[0], weights_only=True)["key"] == cache_key(encoder, "cls", "fp32", DATA)
+    # the default precision is the machine's (amp_bf16 on a CPU with native bf16)
+    assert torch.load(files[0], weights_only=True)["key"] == cache_key(encoder, "cls", default_precision("cpu"), DATA)
 
     # hit: the loader is not touched, the same tensors come back
     again = cached_features(encoder, loader, DATA, cache_dir=tmp_path)

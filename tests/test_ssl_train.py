@@ -329,6 +329,7 @@ def test_export_encoder_of_two_view_models(demo_mds, tmp_path):
     """A SimCLR run exports its encoder, ViT or CNN, which the evaluation reads back with the run's features."""
     from magma_composer.evaluate.encoders import load_encoder
     from magma_composer.evaluate.features import encode
+    from magma_composer.precision import cpu_autocast
 
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     for encoder in (TINY_VIT, "resnet18"):
@@ -341,6 +342,7 @@ def test_export_encoder_of_two_view_models(demo_mds, tmp_path):
         recipe_file.write_text(yaml.safe_dump(recipe))
         trainer = main([str(recipe_file)])
         model = trainer.state.model.eval()
+        cpu_autocast(model, "fp32")  # compare with the float32 evaluation path below
         loaded = load_encoder(str(path))
         assert loaded.kind == ("vit" if encoder is TINY_VIT else "cnn")
         pool = "cls" if encoder is TINY_VIT else "mean"
