@@ -186,30 +186,62 @@ MORE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case, args, status, phrase", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_line(case, args, status, phrase, mds, basis_file, tmp_path):
-    if case == "device-cuda-without-gpu" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    env = _setup(case, tmp_path, mds, basis_file)
+def _filler(tmp_path: Path, mds: Path) -> dict:
     unwritable = "/proc/magma-composer" if os.geteuid() == 0 else f"{tmp_path}/ro"  # root writes through 0555
-    fill = {"{mds}": str(mds), "{tmp}": str(tmp_path), "{unwritable}": unwritable}
+    return {"{mds}": str(mds), "{tmp}": str(tmp_path), "{unwritable}": unwritable}
 
-    def filled(text: str) -> str:
-        for key, value in fill.items():
-            text = text.replace(key, value)
-        return text
 
-    before = sorted(p.name for p in tmp_path.iterdir())
-    result = run_cli(*[filled(a) for a in args], cwd=tmp_path, env=env)
-    assert result.returncode == status, result.stderr
-    assert "Traceback" not in result.stderr
-    assert filled(phrase) in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{PROG} {args[0]}: error: "), result.stderr
-    assert result.stdout == ""
+def _filled(text: str, fill: dict) -> str:
+    for key, value in fill.items():
+        text = text.replace(key, value)
+    return text
+
+
+def _check_refusal(case, args, status, phrase, tmp_path, fill, before, status_seen, out, err):
+    assert status_seen == status, err
+    assert "Traceback" not in err
+    assert _filled(phrase, fill) in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG} {args[0]}: error: "), err
+    assert out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary file left
     if case in ("out-exists", "stats-out-exists"):
         assert (tmp_path / "exists.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("case, args, status, phrase", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_error_line(case, args, status, phrase, mds, basis_file, tmp_path, capsys, monkeypatch):
+    """Every case through the command's ``main`` in this process (a new process per case costs the imports)."""
+    if case == "device-cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    env = _setup(case, tmp_path, mds, basis_file)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    fill = _filler(tmp_path, mds)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        status_seen = pca_main([_filled(a, fill) for a in args])
+    except SystemExit as e:  # argparse's own refusals
+        status_seen = e.code
+    captured = capsys.readouterr()
+    _check_refusal(case, args, status, phrase, tmp_path, fill, before, status_seen, captured.out, captured.err)
+
+
+#: the same refusals from a new process, as a user meets them: an option, an existing output, unreachable storage
+SUBPROCESS_CASES = ("method-bogus", "out-exists", "data-unreachable", "info-truncated")
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_bad_input_from_the_command_line(case, mds, basis_file, tmp_path):
+    _, args, status, phrase = next(c for c in CASES if c[0] == case)
+    env = _setup(case, tmp_path, mds, basis_file)
+    fill = _filler(tmp_path, mds)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli(*[_filled(a, fill) for a in args], cwd=tmp_path, env=env)
+    _check_refusal(case, args, status, phrase, tmp_path, fill, before, result.returncode, result.stdout, result.stderr)
 
 
 @pytest.mark.parametrize("case, args, status, phrase", MORE_CASES, ids=[c[0] for c in MORE_CASES])
