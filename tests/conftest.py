@@ -54,6 +54,18 @@ TINY_MODEL = {
 }
 
 
+def load_script(path: Path):
+    """Imports a script that is not in a package (``experiments/*.py``) as the module named after its file."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_module(module: str, *args: str, cwd=REPO, env: dict | None = None, timeout: float = 300, **kwargs):
     """Runs ``python -m module args`` as a new user would (one torch thread, no launcher variables inherited)."""
     import os

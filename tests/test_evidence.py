@@ -3,7 +3,6 @@ report's numbers against a hand computation, bad arguments), and the shipped pre
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -13,20 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_MODEL
+from tests.conftest import REPO, TINY_MODEL, load_script
 
 SCRIPT = REPO / "experiments" / "evidence.py"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("evidence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["evidence"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-evidence = _load_module()
+evidence = load_script(SCRIPT)
 
 
 def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ and the diagnostics MAGMA logs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,20 +15,12 @@ import yaml
 
 from magma_composer.algorithms.magma import magma_loss
 from magma_composer.algorithms.magma.magma import _diagnostics
-from tests.conftest import REPO, TINY_MODEL, tiny_recipe
+from tests.conftest import REPO, TINY_MODEL, load_script, tiny_recipe
 
 SCRIPT = REPO / "experiments" / "magma_diagnostics.py"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("magma_diagnostics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["magma_diagnostics"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-diag = _load_module()
+diag = load_script(SCRIPT)
 
 
 def _hand_term(xs: list[float], ys: list[float]) -> float:
