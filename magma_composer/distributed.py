@@ -20,10 +20,18 @@ holds unless a custom sampler hands ranks different batch sizes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from composer.utils import dist
 
-__all__ = ["all_gather_with_grad"]
+__all__ = ["all_gather_with_grad", "cores_per_rank"]
+
+
+def cores_per_rank() -> int:
+    """This rank's share of the cores this process may use (its CPU affinity), split among the node's ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, dist.get_local_world_size()))
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ Every key of the recipe is checked (:mod:`magma_composer.config`) before any mod
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from magma_composer.checkpoints import (
 )
 from magma_composer.config import INJECTED, ConfigError, TrainConfig, build_section, load_config, section_class
 from magma_composer.data.loader import build_image_dataloader
+from magma_composer.distributed import cores_per_rank
 from magma_composer.options import OptionError, check_choice, check_number
 from magma_composer.precision import cpu_autocast, default_precision
 
@@ -356,8 +356,7 @@ def cpu_threads(cfg: TrainConfig) -> int:
     fastest with every core computing (docs/benchmarks.md, "CPU training speed")."""
     if cfg.cpu_threads is not None:
         return max(1, cfg.cpu_threads)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, dist.get_local_world_size()))
+    return cores_per_rank()
 
 
 def _checkpoint_path(trainer: Trainer) -> str | None:

@@ -41,6 +41,7 @@ import torch
 from composer.utils import dist
 from tqdm.auto import tqdm
 
+from magma_composer.distributed import cores_per_rank
 from magma_composer.options import OptionError, check_choice, check_int, check_number
 from magma_composer.pca.basis import PCABasis, PixelStats, check_output_path, save_basis, save_pixel_stats
 
@@ -97,8 +98,7 @@ def default_workers(count: int) -> int:
     """Loader processes per rank for ``num_workers=None``: this rank's share of the cores, none for few images."""
     if count < AUTO_WORKERS_MIN_IMAGES:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, dist.get_local_world_size()))
+    return cores_per_rank()
 
 
 def _as_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
