@@ -28,7 +28,9 @@ fitted once (``python -m magma_composer.pca fit``) when missing.
 
 ``report`` prints per method the number of seeds, mean +- standard deviation (sample, n - 1) and range of each
 figure for the trained encoders and their initialisations, the trained - init gain, and the paired differences to
-MAE by seed (mean, std, min..max, how many seeds positive), then a Markdown table; ``--json`` writes all of it.
+MAE by seed (mean, std, min..max, how many seeds positive); from two seeds on, each mean gain and paired difference
+also gets its 95 % Student-t interval (an interval that excludes 0 is the report's test of "clearly"). Then a Markdown
+table; ``--json`` writes all of it.
 
 ``project`` turns a measured seconds-per-step (of the recipe's model at its per-device batch on one GPU) into each
 full-length recipe's steps and expected wall time: ``steps = floor(dataset size / (batch x GPUs)) x epochs``.
@@ -209,6 +211,23 @@ def evaluation_settings(recipes: Path, data: str, sets: Sequence[str], raw_pixel
     except ConfigError as exc:
         raise EvidenceError(f"evaluation {path}: {exc}") from None
     return out
+
+
+def check_evaluation_data(settings: dict, image_size: int) -> None:
+    """Opens both evaluation sets as the evaluation will (their indexes only), so that a subset larger than its
+    split, or any other data option the data set refuses, fails before the first cell trains."""
+    from magma_composer.data.loader import build_image_dataloader
+    from magma_composer.options import OptionError
+
+    for section in ("train_data", "test_data"):
+        options = {**settings[section], "image_size": image_size}
+        try:
+            loader = build_image_dataloader(train=False, return_index=True, cache_tag=f"evidence-{section}", **options)
+        except OptionError as exc:
+            raise EvidenceError(
+                f"evaluation {section}.{exc.key}: {exc.message} (set it with --eval-set {section}.{exc.key}=N)"
+            ) from None
+        loader.dataset.release()
 
 
 def fingerprint(value: Any) -> str:
@@ -467,7 +486,15 @@ def command_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # every recipe is read and checked before the first cell trains: a typo fails now, not an hour in
+    # every recipe and the evaluation data are checked before the first cell trains (and before PMAE's basis is
+    # fitted): a typo fails now, not an hour in
+    sizes = []
+    for method in methods:
+        recipe = training_recipe(recipes, method, seeds[0], data, sets)
+        sizes.append(int(recipe["model"]["img_size"]))
+        if method != "pmae":  # PMAE's recipe builds once its basis exists, below
+            check_buildable(recipe, f"recipe {recipes / (method + '.yaml')}")
+    check_evaluation_data(evaluation_settings(recipes, data, eval_sets, False), sizes[0])
     plan = []
     basis = None
     for method in methods:
@@ -484,7 +511,7 @@ def command_run(args: argparse.Namespace) -> int:
         for seed in seeds:
             recipe = training_recipe(recipes, method, seed, data, sets, basis if raw_pixels else None)
             plan.append((method, seed, recipe, settings, basis if raw_pixels else None))
-        if basis is None or not raw_pixels or Path(basis).is_file():
+        if raw_pixels and Path(basis).is_file():
             check_buildable(plan[-1][2], f"recipe {recipes / (method + '.yaml')}")
 
     meta = {"preset": args.preset if not args.recipes else None, "recipes": str(recipes), "git": git_commit()}
@@ -535,12 +562,38 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def t_quantile_975(df: int) -> float:
+    """Student's t 97.5 % quantile with ``df`` degrees of freedom (the half-width factor of a 95 % interval).
+
+    The density is integrated with Simpson's rule and the quantile found by bisection: exact to about 1e-6,
+    without a statistics dependency for one number."""
+    if df < 1:
+        raise ValueError(f"df must be at least 1, got {df}")
+    norm = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, steps: int = 4000) -> float:
+        h = x / steps
+        f = [norm * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 20.0  # the largest quantile, df = 1, is 12.71
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < 0.975 else (lo, mid)
+    return (lo + hi) / 2
+
+
 def _stats(values: list[float]) -> dict:
+    """Mean, sample std (n - 1), range and, from 2 values on, the 95 % t interval of the mean."""
     n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else None
+    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else None
     return {
         "n": n,
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if n > 1 else None,
+        "mean": mean,
+        "std": std,
+        "ci95": None if half is None else [mean - half, mean + half],
         "min": min(values),
         "max": max(values),
         "values": values,
@@ -603,41 +656,62 @@ def _range(stats: dict) -> str:
     return f"{stats['min']:.2f}..{stats['max']:.2f}"
 
 
+def _ci(stats: dict) -> str:
+    return "-" if stats["ci95"] is None else f"[{stats['ci95'][0]:+.2f}, {stats['ci95'][1]:+.2f}]"
+
+
+def _paired_figures(names: list[str]) -> list[str]:
+    """The figures the Markdown table pairs against MAE: each pooling's linear probe and first kNN."""
+    out = []
+    for pool in dict.fromkeys(n.split(" ")[0] for n in names):
+        out += [n for n in names if n == f"{pool} linear"]
+        out += [n for n in names if n.startswith(f"{pool} kNN@")][:1]
+    return out
+
+
 def format_report(summary: dict) -> str:
-    """The report as text: per figure a table of methods, the paired differences, then a Markdown table."""
+    """The report as text: per figure a table of methods (with the gain over the initialisation and its 95 % t
+    interval), the paired differences to MAE, then a Markdown table."""
     lines = []
     methods = summary["methods"]
     names = next(iter(methods.values()))["figures"] if methods else []
     for name in names:
-        lines.append(f"== {name} (top-1 %; mean +- std over seeds, range)")
-        lines.append(f"{'method':8} {'n':>2}  {'trained':>15} {'range':>13}  {'init':>15}  {'gain':>15}")
+        lines.append(f"== {name} (top-1 %; mean +- std over seeds, range; 95 % t interval of the mean gain)")
+        lines.append(
+            f"{'method':8} {'n':>2}  {'trained':>15} {'range':>13}  {'init':>15}  {'gain':>15}  {'gain 95 % CI':>16}"
+        )
         for method, entry in methods.items():
             if name not in entry:
                 continue
             t, i, g = entry[name]["trained"], entry[name]["init"], entry[name]["gain"]
-            lines.append(f"{method:8} {t['n']:>2}  {_pm(t):>15} {_range(t):>13}  {_pm(i):>15}  {_pm(g):>15}")
+            lines.append(
+                f"{method:8} {t['n']:>2}  {_pm(t):>15} {_range(t):>13}  {_pm(i):>15}  {_pm(g):>15}  {_ci(g):>16}"
+            )
         paired = [(m, p[name]) for m, p in summary["paired_vs_mae"].items() if name in p]
         if paired:
-            lines.append("   paired difference to MAE, same seed (mean +- std, min..max, seeds positive)")
+            lines.append("   paired difference to MAE, same seed (mean +- std, min..max, 95 % CI, seeds positive)")
             for method, p in paired:
-                lines.append(f"   {method:8} {_pm(p):>15} {_range(p):>13}  {p['positive']}/{p['n']} positive")
+                lines.append(
+                    f"   {method:8} {_pm(p):>15} {_range(p):>13}  {_ci(p):>16}  {p['positive']}/{p['n']} positive"
+                )
         lines.append("")
-    lines.append("Markdown (docs/results.md):")
+    lines.append("Markdown (docs/results.md; trained mean +- std (mean gain over the initialisation)):")
     lines.append("")
-    header = ["method", "seeds"] + [f"{n} (gain)" for n in names] + [f"{n} - MAE" for n in names[:2]]
+    pairs = _paired_figures(names)
+    header = ["method", "seeds"] + [f"{n} (gain)" for n in names] + [f"{n} - MAE [95 % CI]" for n in pairs]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] * len(header)) + "|")
     for method, entry in methods.items():
         row = [method, str(len(entry["seeds"]))]
         for name in names:
             row.append(f"{_pm(entry[name]['trained'])} ({entry[name]['gain']['mean']:+.2f})" if name in entry else "")
-        for name in names[:2]:
+        for name in pairs:
             p = summary["paired_vs_mae"].get(method, {}).get(name)
             if p is None:
                 row.append("")
                 continue
-            std = "-" if p["std"] is None else f"{p['std']:.2f}"
-            row.append(f"{p['mean']:+.2f} +- {std} ({p['positive']}/{p['n']} positive)")
+            spread = "" if p["std"] is None else f" +- {p['std']:.2f} {_ci(p)}"
+            row.append(f"{p['mean']:+.2f}{spread} ({p['positive']}/{p['n']} positive)")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -740,7 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train and evaluate every (method, seed) cell without a record")
     run.add_argument("--preset", default="cpu", help=f"one of {', '.join(PRESETS)} (yamls/evidence/<preset>/)")
     run.add_argument("--recipes", default=None, help="a folder of method recipes and eval.yaml instead of --preset")
-    run.add_argument("--data", required=True, help="CIFAR-10 as MDS with splits train and test")
+    run.add_argument("--data", required=True, help="an image data set as MDS with splits train and test (CIFAR-10)")
     run.add_argument("--out", required=True, help="the matrix's folder (records, encoders, features)")
     run.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     run.add_argument("--seeds", default="0,1,2", help="comma-separated integers")

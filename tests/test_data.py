@@ -117,3 +117,15 @@ def test_a_training_split_smaller_than_one_batch_is_refused(demo_mds):
         200, num_workers=0, drop_last=False, remote=str(demo_mds), split="train", image_size=32
     )
     assert [len(images) for images, _ in loader] == [160]
+
+
+def test_an_evaluation_set_larger_than_its_split_is_refused(demo_mds):
+    """Streaming would repeat images to fill the epoch: each would count twice in a kNN bank or a top-1 figure."""
+    with pytest.raises(OptionError, match=r"max_samples: 81 is more than the 80 images of this evaluation set .*"
+                       r"split 'test'.*give at most 80, or null for all"):  # fmt: skip
+        StreamingImageDataset(str(demo_mds), split="test", image_size=32, train=False, max_samples=81, batch_size=8)
+    whole = StreamingImageDataset(str(demo_mds), split="test", image_size=32, train=False, max_samples=80, batch_size=8)
+    assert len(whole) == 80
+    # training may ask for a longer epoch than the split holds: streaming repeats samples, as documented
+    longer = StreamingImageDataset(str(demo_mds), split="train", image_size=32, max_samples=400, batch_size=8)
+    assert len(longer) == 400

@@ -4,6 +4,7 @@ report's numbers against a hand computation, bad arguments), and the shipped pre
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -182,8 +183,23 @@ def test_report_numbers_equal_a_hand_computation(matrix, tmp_path, capsys):
         assert paired["mean"] == pytest.approx(hand["paired"][0])
         assert paired["std"] == pytest.approx(hand["paired"][1])
         assert paired["positive"] == hand["paired"][2]
+        # two seeds: the 95 % interval is mean +- t(0.975, df=1) * std / sqrt(2), t = 12.7062
+        half = 12.7062 * hand["paired"][1] / math.sqrt(2)
+        assert paired["ci95"] == pytest.approx([hand["paired"][0] - half, hand["paired"][0] + half], rel=1e-4)
         assert f"{hand['mu-mae']['trained'][0]:.2f} +- {hand['mu-mae']['trained'][1]:.2f}" in printed
     assert "mae" not in report["paired_vs_mae"]
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (60, 2.0003)])
+def test_t_quantile_matches_the_tables(df, quantile):
+    assert evidence.t_quantile_975(df) == pytest.approx(quantile, abs=2e-4)
+
+
+def test_one_seed_has_no_interval():
+    stats = evidence._stats([3.0])
+    assert stats["std"] is None and stats["ci95"] is None
+    stats = evidence._stats([1.0, 2.0, 3.0])
+    assert stats["ci95"] == pytest.approx([2.0 - 4.3027 / math.sqrt(3), 2.0 + 4.3027 / math.sqrt(3)], rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -199,6 +215,9 @@ def test_report_numbers_equal_a_hand_computation(matrix, tmp_path, capsys):
         (["run", "--eval-set", "knn.k=[0]"], "knn.k"),
         # a recipe that cannot build fails before the first cell, not when its own cell comes up
         (["run", "--methods", "mae,mu-mae", "--set", "model.encoder.depth=6"], "reference_layers=10 is out of range"),
+        # the preset's 5,000 test images are more than the 80 of this split: refused before any training
+        (["run"], "evaluation train_data.max_samples: 10000 is more than the 160 images"),
+        (["run", "--eval-set", "train_data.max_samples=100"], "evaluation test_data.max_samples: 5000 is more than"),
     ],
 )
 def test_bad_run_arguments_are_named(args, message, demo_mds, tmp_path, capsys):

@@ -104,6 +104,8 @@ class StreamingImageDataset(CheckedStreamingDataset):
         resize_ratio (float, optional): evaluation: resize to ``image_size / resize_ratio``, then centre crop
             (ImageNet: 0.875). Default ``1.0``.
         max_samples (int, optional): an epoch of this many samples (streaming's ``epoch_size``), for subset runs.
+            Training may ask for more than the split holds (streaming repeats samples); an evaluation set
+            (``train=False``) may not, since repeated images would count twice in a kNN bank or a top-1 figure.
         shuffle (bool): shuffle (seeded by ``shuffle_seed``). Default ``True``: capped kNN sets and pictures then
             span the classes.
         augment_seed (int, optional): training augmentations are drawn from a generator seeded by
@@ -181,6 +183,13 @@ class StreamingImageDataset(CheckedStreamingDataset):
         elif local is None:  # a local folder is read in place
             remote, local = None, remote
         super().__init__(remote=remote, local=local, split=split, shuffle=shuffle, **streaming_kwargs)
+        if not train and max_samples is not None and max_samples > self.size:
+            # streaming would repeat images to fill the epoch: duplicated kNN bank entries and test queries
+            where = f"{remote or local}" + (f", split {split!r}" if split else "")
+            raise OptionError(
+                "max_samples", f"{max_samples} is more than the {self.size} images of this evaluation set ({where}); "
+                f"an evaluation set would repeat images to fill it: give at most {self.size}, or null for all"
+            )  # fmt: skip
         if transform is None:
             # checked and loaded once, here: a bad normalisation or statistics file fails before any sample is read
             finish = normalization(normalize, pixel_stats, image_size)
