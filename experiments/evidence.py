@@ -285,7 +285,7 @@ def evaluate_encoder(
     from magma_composer.checkpoints import write_atomic
     from magma_composer.data.loader import build_image_dataloader
     from magma_composer.evaluate.encoders import load_encoder
-    from magma_composer.evaluate.features import cached_features
+    from magma_composer.evaluate.features import cached_pooled_features
     from magma_composer.evaluate.knn import KNNProtocol
     from magma_composer.evaluate.linear import FastLinearProbe
 
@@ -300,29 +300,30 @@ def evaluate_encoder(
         if stored.get("key") == json.loads(json.dumps(key, default=str)):
             return stored["results"]
     knn, probe = KNNProtocol(**settings["knn"]), FastLinearProbe(**settings["linear_fast"])
+    pools = settings["features"]["pools"]
+    splits = []  # per section {pool: (features, labels)}: one forward pass per image serves every pooling
+    for section in ("train_data", "test_data"):
+        options = {**settings[section], "image_size": encoder.arch["img_size"]}
+        loader = build_image_dataloader(train=False, return_index=True, cache_tag=f"evidence-{section}", **options)
+        try:
+            data_key = {k: v for k, v in options.items() if k not in ("num_workers", "batch_size")}
+            splits.append(
+                cached_pooled_features(
+                    encoder,
+                    loader,
+                    data_key,
+                    pools,
+                    out / "features",
+                    device,
+                    settings["features"]["precision"],
+                    desc=f"{desc} {section}",
+                )  # fmt: skip
+            )
+        finally:
+            loader.dataset.release()
     results: dict[str, Any] = {}
-    for pool in settings["features"]["pools"]:
-        splits = []
-        for section in ("train_data", "test_data"):
-            options = {**settings[section], "image_size": encoder.arch["img_size"]}
-            loader = build_image_dataloader(train=False, return_index=True, cache_tag=f"evidence-{section}", **options)
-            try:
-                data_key = {k: v for k, v in options.items() if k not in ("num_workers", "batch_size")}
-                splits.append(
-                    cached_features(
-                        encoder,
-                        loader,
-                        data_key,
-                        pool,
-                        out / "features",
-                        device,
-                        settings["features"]["precision"],
-                        desc=f"{desc} {section}",
-                    )  # fmt: skip
-                )
-            finally:
-                loader.dataset.release()
-        (train_x, train_y), (test_x, test_y) = splits
+    for pool in pools:
+        (train_x, train_y), (test_x, test_y) = splits[0][pool], splits[1][pool]
         k_res = knn.run(train_x, train_y, test_x, test_y, device=device)
         p_res = probe.run(train_x, train_y, test_x, test_y, device=device)
         results[pool] = {

@@ -17,9 +17,12 @@ from magma_composer.evaluate.features import (
     FeatureOptions,
     cache_key,
     cached_features,
+    cached_pooled_features,
     default_cache_dir,
     encode,
+    encode_pools,
     extract_features,
+    extract_pooled_features,
 )
 from magma_composer.models import ComposerMAE
 from magma_composer.options import OptionError
@@ -99,6 +102,40 @@ def test_extract_features_sorts_and_deduplicates_by_index(model_and_encoder, enc
         assert torch.equal(labels, y)
         torch.testing.assert_close(f, model.extract_features(x, pool=pool), rtol=1e-5, atol=1e-6)
     assert not encoder.vit.training and next(encoder.vit.parameters()).device.type == "cpu"
+
+
+def test_several_poolings_from_one_pass(encoder):
+    x, y = images(10), torch.arange(10) % 3
+    order = torch.tensor([7, 2, 9, 0, 5, 1, 8, 3, 6, 4, 2])
+    loader = Batches(x[order], y[order], order)
+    both = extract_pooled_features(encoder, loader, ["mean", "cls"], precision="fp32")
+    assert loader.passes == 1 and list(both) == ["mean", "cls"]
+    for pool in ("cls", "mean"):
+        single = extract_features(encoder, loader, pool=pool, precision="fp32")
+        assert torch.equal(both[pool][0], single[0]) and torch.equal(both[pool][1], single[1])
+    with torch.no_grad():
+        pooled = encode_pools(encoder.vit, x, ("cls", "mean"))
+        assert torch.equal(pooled["cls"], encode(encoder.vit, x, "cls"))
+    for bad, message in ((["cls", "cls"], "pools: names a pooling twice"), ([], "pools: expected a non-empty"),
+                         ("cls", "pools: expected a non-empty list"), (["max"], "pool: 'max' is not valid")):  # fmt: skip
+        with pytest.raises(OptionError, match=message):
+            extract_pooled_features(encoder, loader, bad)
+
+
+def test_cached_poolings_share_the_single_pool_files(encoder, tmp_path):
+    x, y = images(8), torch.arange(8) % 2
+    loader = Batches(x, y, torch.arange(8))
+    cls = cached_features(encoder, loader, DATA, pool="cls", cache_dir=tmp_path)
+    assert loader.passes == 1
+    # cls is cached: only mean is extracted, in one more pass; both come back in the order asked
+    both = cached_pooled_features(encoder, loader, DATA, ["mean", "cls"], cache_dir=tmp_path)
+    assert loader.passes == 2 and list(both) == ["mean", "cls"] and len(list(tmp_path.iterdir())) == 2
+    assert torch.equal(both["cls"][0], cls[0])
+    # and what it wrote is the file cached_features reads
+    mean = cached_features(encoder, loader, DATA, pool="mean", cache_dir=tmp_path)
+    assert loader.passes == 2 and torch.equal(mean[0], both["mean"][0])
+    fresh = cached_pooled_features(encoder, loader, {**DATA, "n": 9}, ["cls", "mean"], cache_dir=tmp_path)
+    assert loader.passes == 3 and torch.equal(fresh["mean"][0], mean[0]) and len(list(tmp_path.iterdir())) == 4
 
 
 def test_extract_features_refuses_bad_loaders(encoder):
@@ -251,7 +288,7 @@ import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, TensorDataset
 from magma_composer.evaluate.encoders import load_encoder
-from magma_composer.evaluate.features import cached_features, extract_features
+from magma_composer.evaluate.features import cached_features, extract_features, extract_pooled_features
 
 torch.set_num_threads(1)
 dist.initialize_dist("cpu", timeout=120)
@@ -264,6 +301,8 @@ loader = DataLoader(data, batch_size=2, sampler=sampler)
 encoder = load_encoder(encoder_path)
 local = sum(len(b[2]) for b in loader)
 f, y = extract_features(encoder, loader, pool="mean")
+pooled = extract_pooled_features(encoder, loader, ["cls", "mean"])
+assert torch.equal(pooled["mean"][0], f) and torch.equal(pooled["cls"][1], y)
 key = {"n": n}
 c1 = cached_features(encoder, loader, key, pool="mean", cache_dir=cache_dir)
 passes = []

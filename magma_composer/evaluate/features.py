@@ -6,7 +6,8 @@
   same numbers as the two-view models' ``extract_features``); it has no CLS token.
 * :func:`extract_features` encodes a loader's ``(images, labels, indices)`` batches. On several ranks each encodes
   its share, the shares are gathered, and samples are deduplicated and sorted by index: the result is the same on
-  one rank or N (a distributed sampler's padding repeats samples; they appear once).
+  one rank or N (a distributed sampler's padding repeats samples; they appear once). With several poolings
+  (:func:`extract_pooled_features`) one forward pass per batch serves them all.
 * :func:`cached_features` keeps those features on disk, keyed by the encoder's hash, the pooling, the precision
   and the caller's description of the data; the key is stored in the file and compared when reading, so a
   mismatched or damaged file is recomputed, never trusted. :class:`FeatureOptions` owns the recipe's
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -38,9 +39,12 @@ __all__ = [
     "FeatureOptions",
     "cache_key",
     "cached_features",
+    "cached_pooled_features",
     "default_cache_dir",
     "encode",
+    "encode_pools",
     "extract_features",
+    "extract_pooled_features",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,9 +80,19 @@ def encode(
         ValueError: the images' shape is not the one the encoder takes.
         OptionError: ``pool='cls'`` for a CNN.
     """
-    check_choice("pool", pool, POOLS)
+    return encode_pools(vit, images, (pool,), prepare)[pool]
+
+
+def encode_pools(
+    vit: nn.Module,
+    images: torch.Tensor,
+    pools: Sequence[str],
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`encode` for several poolings from one forward pass: ``{pool: B x D}``."""
+    pools = _check_pools(pools)
     if not isinstance(vit, VisionTransformer):
-        if pool == "cls":
+        if "cls" in pools:
             raise OptionError(
                 "pool",
                 f"'cls' needs a ViT's CLS token; this encoder ({type(vit).__name__}) has none: set pool: mean (its "
@@ -88,7 +102,7 @@ def encode(
         channels = conv.in_channels if conv is not None else images.shape[1]
         if images.dim() != 4 or images.shape[1] != channels:
             raise ValueError(f"the encoder takes B x {channels} x H x W images, got {tuple(images.shape)}")
-        return vit(images if prepare is None else prepare(images))
+        return {"mean": vit(images if prepare is None else prepare(images))}
     expected = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(expected):
         raise ValueError(
@@ -97,7 +111,18 @@ def encode(
         )
     x = images if prepare is None else prepare(images)
     tokens = vit.forward_features(x)
-    return tokens[:, 0] if pool == "cls" else tokens[:, vit.num_prefix_tokens :].mean(dim=1)
+    pooled = {"cls": lambda: tokens[:, 0], "mean": lambda: tokens[:, vit.num_prefix_tokens :].mean(dim=1)}
+    return {pool: pooled[pool]() for pool in pools}
+
+
+def _check_pools(pools: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(pools, str) or not pools:
+        raise OptionError("pools", f"expected a non-empty list of poolings from {', '.join(POOLS)}, got {pools!r}")
+    for pool in pools:
+        check_choice("pool", pool, POOLS)
+    if len(set(pools)) < len(pools):
+        raise OptionError("pools", f"names a pooling twice: {list(pools)!r}")
+    return tuple(pools)
 
 
 def _resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -140,7 +165,6 @@ def _gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.cat(p) for p in parts])
 
 
-@torch.no_grad()
 def extract_features(
     encoder: LoadedEncoder,
     loader: Iterable,
@@ -171,37 +195,55 @@ def extract_features(
         ValueError: batches without indices, images of the wrong shape, no sample at all, or one index with two
             different labels (the indices do not identify samples).
     """
+    return extract_pooled_features(encoder, loader, (pool,), device, precision, progress, desc)[pool]
+
+
+@torch.no_grad()
+def extract_pooled_features(
+    encoder: LoadedEncoder,
+    loader: Iterable,
+    pools: Sequence[str],
+    device: torch.device | str = "cpu",
+    precision: str | None = None,
+    progress: bool = False,
+    desc: str = "features",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`extract_features` for several poolings from one pass over the loader: ``{pool: (features, labels)}``,
+    each exactly what :func:`extract_features` gives for that pooling (one forward pass per batch serves all)."""
     from composer.utils import dist
 
-    check_choice("pool", pool, POOLS)
+    pools = _check_pools(pools)
     device = torch.device(device)
     precision = _resolve_precision(precision, device)
     vit = encoder.vit
     home, was_training = next(vit.parameters()).device, vit.training
     vit.to(device).eval()
-    feats, labels, indices = [], [], []
+    feats: dict[str, list[torch.Tensor]] = {pool: [] for pool in pools}
+    labels, indices = [], []
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress or dist.get_global_rank() != 0, leave=False):
             images, y, index = _batch_parts(batch)
             with autocast_context(precision, device.type):
-                out = encode(vit, images.to(device, non_blocking=True), pool, encoder.prepare)
-            feats.append(out.float().cpu())
+                out = encode_pools(vit, images.to(device, non_blocking=True), pools, encoder.prepare)
+            for pool in pools:
+                feats[pool].append(out[pool].float().cpu())
             labels.append(y.cpu())
             indices.append(index.cpu())
     finally:
         vit.to(home).train(was_training)
-    width = feats[0].shape[1] if feats else 0
-    f = torch.cat(feats) if feats else torch.zeros(0, width)
+    width = {pool: f[0].shape[1] if f else 0 for pool, f in feats.items()}
+    f = {pool: torch.cat(x) if x else torch.zeros(0, width[pool]) for pool, x in feats.items()}
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
     if dist.get_world_size() > 1:
         # gloo gathers CPU tensors; NCCL needs them on the rank's GPU
         where = device if device.type == "cuda" else torch.device("cpu")
-        f, y, index = (_gather_rows(t, where) for t in (f, y, index))
+        y, index = (_gather_rows(t, where) for t in (y, index))
+        f = {pool: _gather_rows(x, where) for pool, x in f.items()}
     if len(index) == 0:
         raise ValueError(f"{desc}: the loader yielded no samples: cannot extract features")
     order = torch.argsort(index, stable=True)
-    index, f, y = index[order], f[order], y[order]
+    index, y = index[order], y[order]
     first = torch.ones(len(index), dtype=torch.bool)
     first[1:] = index[1:] != index[:-1]
     # a repeated index (a sampler's padding) must be the same sample: check its label
@@ -209,7 +251,8 @@ def extract_features(
     if not torch.equal(y, y[first][run]):
         bad = int(index[(y != y[first][run]).nonzero()[0, 0]])
         raise ValueError(f"{desc}: sample index {bad} came with two different labels; indices must identify samples")
-    return f[first].contiguous(), y[first].contiguous()
+    y = y[first].contiguous()
+    return {pool: (x[order][first].contiguous(), y) for pool, x in f.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- the cache
@@ -298,32 +341,56 @@ def cached_features(
         cache_dir (str | PathLike, optional): the cache folder. Default: :func:`default_cache_dir`.
         device, precision, progress, desc: see :func:`extract_features`.
     """
+    return cached_pooled_features(encoder, loader, data, (pool,), cache_dir, device, precision, progress, desc)[pool]
+
+
+def cached_pooled_features(
+    encoder: LoadedEncoder,
+    loader: Iterable,
+    data: dict[str, Any],
+    pools: Sequence[str],
+    cache_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    precision: str | None = None,
+    progress: bool = False,
+    desc: str = "features",
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`cached_features` for several poolings: one file per pooling (the same file :func:`cached_features`
+    reads), and the poolings not in the cache extracted together in one pass (:func:`extract_pooled_features`)."""
     from composer.utils import dist
 
     from magma_composer.checkpoints import write_atomic
 
-    check_choice("pool", pool, POOLS)
+    pools = _check_pools(pools)
     resolved = _resolve_precision(precision, torch.device(device))
-    key = cache_key(encoder, pool, resolved, data)
-    path = _cache_file(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
-    hit = _read_cache(path, key)
-    usable = hit is not None
-    if dist.get_world_size() > 1:
-        flag = torch.tensor([int(usable)], device="cuda" if torch.device(device).type == "cuda" else "cpu")
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    keys = {pool: cache_key(encoder, pool, resolved, data) for pool in pools}
+    paths = {pool: _cache_file(folder, key) for pool, key in keys.items()}
+    hits = {pool: _read_cache(paths[pool], keys[pool]) for pool in pools}
+    usable = [int(hits[pool] is not None) for pool in pools]
+    if dist.get_world_size() > 1:  # every rank must extract the same poolings
+        flag = torch.tensor(usable, device="cuda" if torch.device(device).type == "cuda" else "cpu")
         dist.all_reduce(flag, reduce_operation="MIN")
-        usable = bool(flag.item())
-    if usable:
-        log.info("%s: features read from the cache %s", desc, path)
-        return hit  # type: ignore[return-value]
-    features, labels = extract_features(encoder, loader, pool, device, resolved, progress, desc)
-    if dist.get_global_rank() == 0:
-        payload = {"key": key, "features": features, "labels": labels}
-        try:
-            write_atomic(path, lambda f: torch.save(payload, f))
-        except OSError as exc:
-            log.warning("%s: the feature cache %s could not be written (%s); continuing without it", desc, path, exc)
-    dist.barrier()
-    return features, labels
+        usable = flag.tolist()
+    missing = [pool for pool, ok in zip(pools, usable) if not ok]
+    for pool in pools:
+        if pool not in missing:
+            log.info("%s: %s features read from the cache %s", desc, pool, paths[pool])
+    out = {pool: hits[pool] for pool in pools if pool not in missing}
+    if missing:
+        fresh = extract_pooled_features(encoder, loader, missing, device, resolved, progress, desc)
+        for pool, (features, labels) in fresh.items():
+            out[pool] = (features, labels)
+            if dist.get_global_rank() != 0:
+                continue
+            payload = {"key": keys[pool], "features": features, "labels": labels}
+            try:
+                write_atomic(paths[pool], lambda f, payload=payload: torch.save(payload, f))
+            except OSError as exc:
+                log.warning("%s: the feature cache %s could not be written (%s); continuing without it", desc,
+                            paths[pool], exc)  # fmt: skip
+        dist.barrier()
+    return {pool: out[pool] for pool in pools}  # type: ignore[misc]
 
 
 class FeatureOptions:
