@@ -104,8 +104,10 @@ class StreamingImageDataset(CheckedStreamingDataset):
         resize_ratio (float, optional): evaluation: resize to ``image_size / resize_ratio``, then centre crop
             (ImageNet: 0.875). Default ``1.0``.
         max_samples (int, optional): an epoch of this many samples (streaming's ``epoch_size``), for subset runs.
-            Training may ask for more than the split holds (streaming repeats samples); an evaluation set
-            (``train=False``) may not, since repeated images would count twice in a kNN bank or a top-1 figure.
+            Training may ask for more than the split holds (streaming repeats samples) and draws another subset
+            each epoch; an evaluation set (``train=False``) may not ask for more, since repeated images would count
+            twice in a kNN bank or a top-1 figure, and its subset is the same images on every pass (streaming's
+            ``sampling_method: fixed``, the images of the first epoch).
         shuffle (bool): shuffle (seeded by ``shuffle_seed``). Default ``True``: capped kNN sets and pictures then
             span the classes.
         augment_seed (int, optional): training augmentations are drawn from a generator seeded by
@@ -174,6 +176,8 @@ class StreamingImageDataset(CheckedStreamingDataset):
         if max_samples is not None:
             check_int("max_samples", max_samples, 1)
             streaming_kwargs["epoch_size"] = max_samples
+            if not train:  # streaming redraws a subset every epoch; an evaluation must see the same images each pass
+                streaming_kwargs.setdefault("sampling_method", "fixed")
         if not isinstance(remote, str) or not remote:
             raise OptionError("remote", f"expected a local folder or a URI such as s3://bucket/prefix, got {remote!r}")
         if is_remote(remote):
