@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.data) / "test" / "index.json").is_file():
         parser.error(f"--data: {args.data} has no MDS split 'test'")
     torch.manual_seed(0)
-    model = ComposerMAE(encoder={"embed_dim": 192, "depth": 12, "num_heads": 3}, img_size=32, patch_size=4, decoder_dim=128,
-                        decoder_depth=2, decoder_heads=4)  # fmt: skip
+    vit_t = {"embed_dim": 192, "depth": 12, "num_heads": 3}
+    model = ComposerMAE(encoder=vit_t, img_size=32, patch_size=4, decoder_dim=128, decoder_depth=2, decoder_heads=4)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "encoder.pt"
         export_encoder(model, str(path))

@@ -116,8 +116,13 @@ def test_several_poolings_from_one_pass(encoder):
     with torch.no_grad():
         pooled = encode_pools(encoder.vit, x, ("cls", "mean"))
         assert torch.equal(pooled["cls"], encode(encoder.vit, x, "cls"))
-    for bad, message in ((["cls", "cls"], "pools: names a pooling twice"), ([], "pools: expected a non-empty"),
-                         ("cls", "pools: expected a non-empty list"), (["max"], "pool: 'max' is not valid")):  # fmt: skip
+    refusals = [
+        (["cls", "cls"], "pools: names a pooling twice"),
+        ([], "pools: expected a non-empty"),
+        ("cls", "pools: expected a non-empty list"),
+        (["max"], "pool: 'max' is not valid"),
+    ]
+    for bad, message in refusals:
         with pytest.raises(OptionError, match=message):
             extract_pooled_features(encoder, loader, bad)
 
