@@ -213,16 +213,23 @@ def evaluation_settings(recipes: Path, data: str, sets: Sequence[str], raw_pixel
     return out
 
 
+def evaluation_loader(settings: dict, section: str, image_size: int) -> tuple[Any, dict]:
+    """The loader of one evaluation set (``train_data`` or ``test_data``) and the options it was built with."""
+    from magma_composer.data.loader import build_image_dataloader
+
+    options = {**settings[section], "image_size": image_size}
+    loader = build_image_dataloader(train=False, return_index=True, cache_tag=f"evidence-{section}", **options)
+    return loader, options
+
+
 def check_evaluation_data(settings: dict, image_size: int) -> None:
     """Opens both evaluation sets as the evaluation will (their indexes only), so that a subset larger than its
     split, or any other data option the data set refuses, fails before the first cell trains."""
-    from magma_composer.data.loader import build_image_dataloader
     from magma_composer.options import OptionError
 
     for section in ("train_data", "test_data"):
-        options = {**settings[section], "image_size": image_size}
         try:
-            loader = build_image_dataloader(train=False, return_index=True, cache_tag=f"evidence-{section}", **options)
+            loader, _ = evaluation_loader(settings, section, image_size)
         except OptionError as exc:
             raise EvidenceError(
                 f"evaluation {section}.{exc.key}: {exc.message} (set it with --eval-set {section}.{exc.key}=N)"
@@ -283,7 +290,6 @@ def evaluate_encoder(
     import torch
 
     from magma_composer.checkpoints import write_atomic
-    from magma_composer.data.loader import build_image_dataloader
     from magma_composer.evaluate.encoders import load_encoder
     from magma_composer.evaluate.features import cached_pooled_features
     from magma_composer.evaluate.knn import KNNProtocol
@@ -303,8 +309,7 @@ def evaluate_encoder(
     pools = settings["features"]["pools"]
     splits = []  # per section {pool: (features, labels)}: one forward pass per image serves every pooling
     for section in ("train_data", "test_data"):
-        options = {**settings[section], "image_size": encoder.arch["img_size"]}
-        loader = build_image_dataloader(train=False, return_index=True, cache_tag=f"evidence-{section}", **options)
+        loader, options = evaluation_loader(settings, section, encoder.arch["img_size"])
         try:
             data_key = {k: v for k, v in options.items() if k not in ("num_workers", "batch_size")}
             splits.append(
@@ -489,13 +494,12 @@ def command_run(args: argparse.Namespace) -> int:
 
     # every recipe and the evaluation data are checked before the first cell trains (and before PMAE's basis is
     # fitted): a typo fails now, not an hour in
-    sizes = []
     for method in methods:
         recipe = training_recipe(recipes, method, seeds[0], data, sets)
-        sizes.append(int(recipe["model"]["img_size"]))
         if method != "pmae":  # PMAE's recipe builds once its basis exists, below
             check_buildable(recipe, f"recipe {recipes / (method + '.yaml')}")
-    check_evaluation_data(evaluation_settings(recipes, data, eval_sets, False), sizes[0])
+    image_size = int(training_recipe(recipes, methods[0], seeds[0], data, sets)["model"]["img_size"])
+    check_evaluation_data(evaluation_settings(recipes, data, eval_sets, False), image_size)
     plan = []
     basis = None
     for method in methods:
