@@ -494,12 +494,11 @@ def command_run(args: argparse.Namespace) -> int:
 
     # every recipe and the evaluation data are checked before the first cell trains (and before PMAE's basis is
     # fitted): a typo fails now, not an hour in
-    for method in methods:
-        recipe = training_recipe(recipes, method, seeds[0], data, sets)
+    first = [training_recipe(recipes, method, seeds[0], data, sets) for method in methods]
+    for method, recipe in zip(methods, first):
         if method != "pmae":  # PMAE's recipe builds once its basis exists, below
             check_buildable(recipe, f"recipe {recipes / (method + '.yaml')}")
-    image_size = int(training_recipe(recipes, methods[0], seeds[0], data, sets)["model"]["img_size"])
-    check_evaluation_data(evaluation_settings(recipes, data, eval_sets, False), image_size)
+    check_evaluation_data(evaluation_settings(recipes, data, eval_sets, False), int(first[0]["model"]["img_size"]))
     plan = []
     basis = None
     for method in methods:
