@@ -135,15 +135,18 @@ def test_an_evaluation_subset_is_the_same_images_on_every_pass(demo_mds):
     """Streaming draws another subset each epoch; kNN banks, probes and caches need the same images every time."""
     from magma_composer.data.loader import build_image_dataloader
 
-    def indices(loader):
-        return sorted(int(i) for batch in loader for i in batch[2])
+    def indices(loader):  # in the order they come
+        return [int(i) for batch in loader for i in batch[2]]
 
     common = dict(num_workers=0, return_index=True, remote=str(demo_mds), image_size=32, max_samples=40)
     evaluation = build_image_dataloader(10, train=False, split="test", **common)
     first = indices(evaluation)
-    assert len(first) == 40 and indices(evaluation) == first and indices(evaluation) == first
+    assert len(first) == 40 and indices(evaluation) == first and indices(evaluation) == first  # same order too
+    whole = build_image_dataloader(10, train=False, split="test", **{**common, "max_samples": None})
+    passes = [indices(whole) for _ in range(3)]
+    assert passes[0] != sorted(passes[0]) and passes[1] == passes[0] and passes[2] == passes[0]
     fresh = build_image_dataloader(10, train=False, split="test", **common)
     assert indices(fresh) == first  # and the same subset as any other evaluation with this shuffle seed
     training = build_image_dataloader(10, split="train", **common)
     epochs = [indices(training) for _ in range(3)]
-    assert all(len(e) == 40 for e in epochs) and len({tuple(e) for e in epochs}) > 1  # training redraws
+    assert all(len(e) == 40 for e in epochs) and len({tuple(sorted(e)) for e in epochs}) > 1  # training redraws

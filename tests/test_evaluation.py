@@ -85,3 +85,27 @@ def test_knn_monitor_linear_probe_and_mean_pooling(demo_mds):
     )
     with pytest.raises(OptionError, match="pool"):
         KNNMonitor(None, None, pool="max")
+
+
+def test_a_capped_knn_monitor_measures_the_same_images_every_time(demo_mds):
+    """The caps take the first N images of a pass; an evaluation pass is the same images in the same order each time,
+    so a start-to-end gain compares one encoder on one subset, not two subsets."""
+    recipe = tiny_recipe(
+        demo_mds,
+        eval_data={"remote": str(demo_mds), "split": "test", "batch_size": 10, "num_workers": 0},
+        callbacks={"knn_monitor": {"k": [5], "max_train_samples": 30, "max_test_samples": 20}},
+        max_duration="1ba",
+    )
+    trainer = build_trainer(validate(recipe))
+    try:
+        knn = next(cb for cb in trainer.state.callbacks if isinstance(cb, KNNMonitor))
+        model = trainer.state.model
+        measurements = [knn.features(model, torch.device("cpu")) for _ in range(3)]
+    finally:
+        trainer.close()
+    (bank, bank_labels), (query, query_labels) = measurements[0]
+    assert len(bank) == 30 and len(query) == 20
+    assert len(set(bank_labels.tolist())) > 1  # a shuffled subset, not the first class of the split
+    for (b, bl), (q, ql) in measurements[1:]:
+        assert torch.equal(bl, bank_labels) and torch.equal(b, bank)
+        assert torch.equal(ql, query_labels) and torch.equal(q, query)

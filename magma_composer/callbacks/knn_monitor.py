@@ -88,8 +88,10 @@ class KNNMonitor(Callback):
         k (int | Sequence[int]): neighbours; the first is the headline figure.
         temperature (float): vote weight ``exp(sim / temperature)``.
         at_fit_start (bool): also measure the untrained encoder at ``FIT_START``.
-        max_train_samples (int, optional): cap on the memory bank size.
-        max_test_samples (int, optional): cap on the queries.
+        max_train_samples (int, optional): cap on the memory bank size: the first images of each pass, the same
+            images at every measurement when the loader yields the same order each pass (this package's evaluation
+            data sets do, ``train=False``).
+        max_test_samples (int, optional): cap on the queries, likewise.
         progress (bool): progress bars while encoding.
         linear_probe (bool): also measure the fast linear probe's top-1 on the same features.
         pool (str): ``'cls'`` (the CLS token) or ``'mean'`` (the mean of the patch tokens); passed to

@@ -272,6 +272,9 @@ class CheckedStreamingDataset(StreamingDataset):
             included, or another worker's download of it) before it raises. Default: from ``download_timeout``
             and ``download_retry``, the longest a download can take with this module's bounded S3 client
             (about 12 minutes with streaming's defaults of 60 s and 2 attempts).
+        same_every_pass (bool): every pass (``iter``) yields the first epoch's samples in the first epoch's order,
+            instead of streaming's new shuffle and new subset each epoch: for evaluation sets, whose figures must
+            come from the same images each time they are measured, however many of the first are read.
         **kwargs: passed to :class:`streaming.StreamingDataset`.
     """
 
@@ -281,6 +284,7 @@ class CheckedStreamingDataset(StreamingDataset):
         validate_hash: str | None = "auto",
         download_threads: int = 1,
         shard_deadline: float | None = None,
+        same_every_pass: bool = False,
         **kwargs: Any,
     ) -> None:
         check_int("download_threads", download_threads, 1)
@@ -329,6 +333,7 @@ class CheckedStreamingDataset(StreamingDataset):
             if stream.remote is not None and str(stream.remote).startswith("s3://"):
                 stream._downloader = _BoundedS3Downloader()
         self.download_threads = download_threads
+        self.same_every_pass = bool(same_every_pass)
         self.shard_deadline = float(shard_deadline) if shard_deadline is not None else self._default_deadline()
         self._is_mds = [isinstance(shard, MDSReader) for shard in self.shards]
 
@@ -591,7 +596,8 @@ class CheckedStreamingDataset(StreamingDataset):
         self._unique_worker_world = self._unique_rank_world.detect_workers()
         self._parallel_worker_world = self._parallel_rank_world.detect_workers()
         epoch, sample_in_epoch = self._resume_incr_epoch()
-        sample_ids = self._get_work(epoch, sample_in_epoch)
+        # streaming's shuffle and subset are drawn from (seed, epoch): epoch 0's, every pass
+        sample_ids = self._get_work(0 if self.same_every_pass else epoch, sample_in_epoch)
         sample_ids = sample_ids[sample_ids >= 0]  # -1 pads partitions to equal length
         if not len(sample_ids):
             return

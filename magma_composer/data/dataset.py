@@ -106,10 +106,11 @@ class StreamingImageDataset(CheckedStreamingDataset):
         max_samples (int, optional): an epoch of this many samples (streaming's ``epoch_size``), for subset runs.
             Training may ask for more than the split holds (streaming repeats samples) and draws another subset
             each epoch; an evaluation set (``train=False``) may not ask for more, since repeated images would count
-            twice in a kNN bank or a top-1 figure, and its subset is the same images on every pass (streaming's
-            ``sampling_method: fixed``, the images of the first epoch).
+            twice in a kNN bank or a top-1 figure.
         shuffle (bool): shuffle (seeded by ``shuffle_seed``). Default ``True``: capped kNN sets and pictures then
-            span the classes.
+            span the classes. An evaluation set (``train=False``) yields the same images in the same order on every
+            pass (the first epoch's subset and order: ``same_every_pass``), so that the first ``N`` of any pass, as
+            a capped kNN monitor reads them, are the same ``N`` images at every measurement.
         augment_seed (int, optional): training augmentations are drawn from a generator seeded by
             ``(augment_seed, epoch, sample index)``, not from the global RNG, so that they are the same in any
             loader worker and after a resumption from a checkpoint. Default: the shuffle seed.
@@ -176,8 +177,6 @@ class StreamingImageDataset(CheckedStreamingDataset):
         if max_samples is not None:
             check_int("max_samples", max_samples, 1)
             streaming_kwargs["epoch_size"] = max_samples
-            if not train:  # streaming redraws a subset every epoch; an evaluation must see the same images each pass
-                streaming_kwargs.setdefault("sampling_method", "fixed")
         if not isinstance(remote, str) or not remote:
             raise OptionError("remote", f"expected a local folder or a URI such as s3://bucket/prefix, got {remote!r}")
         if is_remote(remote):
@@ -186,6 +185,8 @@ class StreamingImageDataset(CheckedStreamingDataset):
             local = local or default_cache_folder(remote, split, cache_tag)
         elif local is None:  # a local folder is read in place
             remote, local = None, remote
+        # an evaluation measures the same images, in the same order, on every pass (a capped kNN bank included)
+        streaming_kwargs.setdefault("same_every_pass", not train)
         super().__init__(remote=remote, local=local, split=split, shuffle=shuffle, **streaming_kwargs)
         if not train and max_samples is not None and max_samples > self.size:
             # streaming would repeat images to fill the epoch: duplicated kNN bank entries and test queries
