@@ -5,7 +5,8 @@ Three commands::
     python experiments/evidence.py run --preset cpu --data data/cifar10-mds --out runs/evidence \\
         [--methods mae,m-mae,u-mae,mu-mae,pmae] [--seeds 0,1,2] [--basis FILE] [--set key.path=value ...] \\
         [--eval-set key.path=value ...]
-    python experiments/evidence.py report --out runs/evidence [--json docs/results-evidence.json]
+    python experiments/evidence.py report --out runs/evidence [--json docs/results-evidence.json] \\
+        [--baseline runs/evidence --baseline-methods mae]
     python experiments/evidence.py project --step-seconds S [--recipes FILE ...] [--gpus N] [--dataset-size N]
 
 ``run`` trains each (method, seed) cell from ``yamls/evidence/<preset>/<method>.yaml`` (every method recipe extends
@@ -30,7 +31,8 @@ fitted once (``python -m magma_composer.pca fit``) when missing.
 figure for the trained encoders and their initialisations, the trained - init gain, and the paired differences to
 MAE by seed (mean, std, min..max, how many seeds positive); from two seeds on, each mean gain and paired difference
 also gets its 95 % Student-t interval (an interval that excludes 0 is the report's test of "clearly"). Then a Markdown
-table; ``--json`` writes all of it.
+table; ``--json`` writes all of it. ``--baseline DIR`` pairs a follow-up run (say M-MAE with another weight,
+``--methods m-mae``) with another matrix's cells of ``--baseline-methods`` (default MAE), evaluated the same way.
 
 ``project`` turns a measured seconds-per-step (of the recipe's model at its per-device batch on one GPU) into each
 full-length recipe's steps and expected wall time: ``steps = floor(dataset size / (batch x GPUs)) x epochs``.
@@ -71,16 +73,16 @@ class EvidenceError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def parse_methods(text: str) -> list[str]:
-    """``'mae,mu-mae'`` -> ``['mae', 'mu-mae']``; each a known method, none twice."""
+def parse_methods(text: str, flag: str = "--methods") -> list[str]:
+    """``'mae,mu-mae'`` -> ``['mae', 'mu-mae']``; each a known method, none twice (errors name ``flag``)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
-        raise EvidenceError(f"--methods: no method given; choose from {', '.join(METHODS)}")
+        raise EvidenceError(f"{flag}: no method given; choose from {', '.join(METHODS)}")
     for name in names:
         if name not in METHODS:
-            raise EvidenceError(f"--methods: {name!r} is not a method; choose from {', '.join(METHODS)}")
+            raise EvidenceError(f"{flag}: {name!r} is not a method; choose from {', '.join(METHODS)}")
     if len(set(names)) != len(names):
-        raise EvidenceError(f"--methods: {text!r} names a method twice")
+        raise EvidenceError(f"{flag}: {text!r} names a method twice")
     return names
 
 
@@ -720,17 +722,59 @@ def format_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def command_report(args: argparse.Namespace) -> int:
-    """``report``: reads every record in ``<out>/cells`` and prints the summary (and writes it as JSON)."""
-    cells = Path(args.out) / "cells"
+def _cell_records(folder: str, flag: str) -> list[tuple[Path, dict]]:
+    """Every ``(path, record)`` in ``<folder>/cells``; none is an error naming ``flag``."""
+    cells = Path(folder) / "cells"
     paths = sorted(cells.glob("*.json")) if cells.is_dir() else []
     if not paths:
-        raise EvidenceError(f"--out: {args.out} holds no cell records ({cells}/*.json); run the matrix first")
-    records = [read_record(p) for p in paths]
+        raise EvidenceError(f"{flag}: {folder} holds no cell records ({cells}/*.json); run the matrix first")
+    return [(p, read_record(p)) for p in paths]
+
+
+def baseline_records(records: list[tuple[Path, dict]], folder: str, methods: Sequence[str]) -> list[dict]:
+    """Another matrix's cells of ``methods`` to pair a follow-up run with, e.g. the main matrix's MAE cells.
+
+    Refused: a method with no cell there, a (method, seed) that both folders hold, and a cell evaluated otherwise
+    than the follow-up's cells (another ``eval.yaml`` or ``--eval-set``): its figures would not be comparable.
+    """
+    theirs = [(p, r) for p, r in _cell_records(folder, "--baseline") if r.get("method") in methods]
+    for method in methods:
+        if not any(r.get("method") == method for _, r in theirs):
+            raise EvidenceError(f"--baseline-methods: {folder} has no {method} cell ({Path(folder) / 'cells'})")
+    ours = {(r.get("method"), r.get("seed")): p for p, r in records}
+    evaluation = records[0][1].get("evaluation")
+    for path, record in theirs:
+        key = (record.get("method"), record.get("seed"))
+        if key in ours:
+            raise EvidenceError(
+                f"--baseline: {record['method']} seed {record['seed']} is in both {ours[key]} and {path}; "
+                "leave it out of --baseline-methods, or report the folders apart"
+            )
+        if record.get("evaluation") != evaluation:
+            raise EvidenceError(
+                f"--baseline: {path} was evaluated with other settings than {records[0][0]} (eval.yaml and "
+                "--eval-set must match), so their figures cannot be compared"
+            )
+    return [r for _, r in theirs]
+
+
+def command_report(args: argparse.Namespace) -> int:
+    """``report``: reads every record in ``<out>/cells`` (and ``--baseline``'s) and prints the summary (and JSON)."""
+    if args.baseline_methods is not None and not args.baseline:
+        raise EvidenceError("--baseline-methods: needs --baseline (the folder to take those methods' cells from)")
+    methods = parse_methods(args.baseline_methods or "mae", "--baseline-methods")
+    found = _cell_records(args.out, "--out")
+    records = [r for _, r in found]
+    if args.baseline:
+        records += baseline_records(found, args.baseline, methods)
     summary = summarize(records)
+    if args.baseline:
+        print(f"[evidence] {', '.join(methods)} from {args.baseline}, the rest from {args.out}")
     print(format_report(summary))
     if args.json:
         payload = {"format": "magma_composer.evidence.report/1", "out": str(args.out), **summary}
+        if args.baseline:
+            payload["baseline"] = {"out": str(args.baseline), "methods": methods}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
         print(f"\nwritten: {args.json}")
@@ -829,6 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="per method statistics and paired differences to MAE")
     report.add_argument("--out", required=True, help="the matrix's folder")
     report.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    report.add_argument("--baseline", default=None, help="another matrix's folder to take --baseline-methods from")
+    report.add_argument("--baseline-methods", default=None, help="comma-separated methods of --baseline (default mae)")
     project = sub.add_parser("project", help="full-length recipes' wall time from a measured step time")
     project.add_argument("--step-seconds", type=float, required=True, help="measured seconds per training step")
     project.add_argument("--recipes", nargs="*", default=None, help="recipe files or globs (default: ImageNet ones)")

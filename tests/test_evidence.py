@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -319,3 +320,35 @@ def test_dry_run_checks_and_lists_the_cells_without_work(tiny_recipes, demo_mds,
     assert "4 cells (2 methods x 2 seeds)" in printed
     assert "would run mu-mae seed 4: 4ba of 16" in printed and "algorithms magma, uniformity" in printed
     assert not (out / "cells").exists() and not (out / "encoders").exists()
+
+
+def test_report_pairs_a_follow_up_with_another_matrix_baseline(matrix, tmp_path, capsys):
+    """A follow-up run (here: the mu-mae cells alone) reports against the main matrix's MAE cells, as one matrix."""
+    out, _ = matrix
+    follow = tmp_path / "follow"
+    (follow / "cells").mkdir(parents=True)
+    for path in (out / "cells").glob("mu-mae-s*.json"):
+        shutil.copy(path, follow / "cells" / path.name)
+    whole, paired = tmp_path / "whole.json", tmp_path / "paired.json"
+    assert evidence.main(["report", "--out", str(out), "--json", str(whole)]) == 0
+    assert evidence.main(["report", "--out", str(follow), "--baseline", str(out), "--json", str(paired)]) == 0
+    assert f"mae from {out}, the rest from {follow}" in capsys.readouterr().out
+    whole, paired = json.loads(whole.read_text()), json.loads(paired.read_text())
+    assert paired["baseline"] == {"out": str(out), "methods": ["mae"]}
+    assert paired["methods"] == whole["methods"] and paired["paired_vs_mae"] == whole["paired_vs_mae"]
+
+    def refused(args, message):
+        assert evidence.main(["report", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+
+    refused(["--out", str(out), "--baseline", str(out)], "mae seed 0 is in both")
+    refused(["--out", str(follow), "--baseline", str(out), "--baseline-methods", "u-mae"], "has no u-mae cell")
+    refused(["--out", str(follow), "--baseline-methods", "mae"], "--baseline-methods: needs --baseline")
+    refused(["--out", str(follow), "--baseline", str(out), "--baseline-methods", "vit"], "'vit' is not a method")
+    other = tmp_path / "other"
+    (other / "cells").mkdir(parents=True)
+    record = json.loads((out / "cells" / "mae-s0.json").read_text())
+    record["evaluation"]["knn"]["k"] = [1]
+    (other / "cells" / "mae-s0.json").write_text(json.dumps(record))
+    refused(["--out", str(follow), "--baseline", str(other)], "was evaluated with other settings")
