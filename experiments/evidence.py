@@ -503,8 +503,7 @@ def command_run(args: argparse.Namespace) -> int:
     check_evaluation_data(evaluation_settings(recipes, data, eval_sets, False), int(first[0]["model"]["img_size"]))
     plan = []
     basis = None
-    for method in methods:
-        probe_recipe = training_recipe(recipes, method, seeds[0], data, sets)
+    for method, probe_recipe in zip(methods, first):
         raw_pixels = method == "pmae"
         if raw_pixels:
             size = int(probe_recipe["model"]["img_size"])
