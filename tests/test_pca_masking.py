@@ -190,6 +190,37 @@ def test_trainer_fit_masks_components_and_adds_the_loss(demo_mds, basis_path):
     assert torch.allclose(spy.evaluated[0], expected, atol=1e-5)
 
 
+def test_masks_follow_the_trainers_seed_unless_one_is_given(images, basis_path):
+    """Without ``seed`` the masks come from the Trainer's seed: runs with different seeds draw different masks."""
+    basis = load_basis(basis_path)
+
+    def drawn(trainer_seed: int, **options) -> list[float]:
+        mem = InMemoryLogger()
+        algorithm = PCAMasking(str(basis_path), ratio=0.3, **options)
+        trainer = Trainer(
+            model=tiny_mae(),
+            train_dataloader=loader(images),
+            max_duration="3ba",
+            algorithms=[algorithm],
+            loggers=[mem],
+            progress_bar=False,
+            device="cpu",
+            seed=trainer_seed,
+        )
+        trainer.fit()
+        assert algorithm.state_dict()["seed"] == options.get("seed", trainer_seed)
+        return [float(v) for _, v in mem.data["pca_masking/masked_variance"]]
+
+    def expected(seed: int) -> list[float]:
+        masks = [sample_component_mask(basis.ratios, mask_generator(seed, step, 0, 0), ratio=0.3) for step in range(3)]
+        return [float(basis.ratios[m].sum()) for m in masks]
+
+    assert expected(1) != expected(2)
+    assert drawn(1) == pytest.approx(expected(1), rel=1e-12)
+    assert drawn(2) == pytest.approx(expected(2), rel=1e-12)
+    assert drawn(2, seed=1) == pytest.approx(expected(1), rel=1e-12)  # an explicit seed wins
+
+
 def test_loss_goes_below_predict_zero_on_a_tiny_overfit(images, basis_path):
     """Two images, four copies each, a mask per sample: the loss on fresh masks ends far below predicting zero.
 
@@ -307,7 +338,8 @@ def test_basis_and_model_errors(demo_mds, basis_path, images, tmp_path):
 
 
 # ---------------------------------------------------------------------- checkpoints
-def test_save_and_resume_reloads_the_basis(images, basis_path, demo_mds, tmp_path):
+@pytest.mark.parametrize("mask_seed", [3, None])
+def test_save_and_resume_reloads_the_basis(images, basis_path, demo_mds, tmp_path, mask_seed):
     def run(duration, **kw):
         mem = InMemoryLogger()
         torch.manual_seed(11)
@@ -317,7 +349,7 @@ def test_save_and_resume_reloads_the_basis(images, basis_path, demo_mds, tmp_pat
             train_dataloader=loader(images, batch_size=4),
             max_duration=duration,
             optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-            algorithms=[PCAMasking(str(basis_path), per_sample=True, seed=3)],
+            algorithms=[PCAMasking(str(basis_path), per_sample=True, seed=mask_seed)],
             loggers=[mem],
             progress_bar=False,
             device="cpu",
@@ -394,7 +426,7 @@ def test_224px_step_with_2048_components():
     spy, mem = Batches(), InMemoryLogger()
     algorithm = PCAMasking(basis, ratio=0.2)
     pixels = torch.rand(2, 3, 224, 224)
-    make_trainer(model, algorithm, pixels, callbacks=[spy], loggers=[mem]).fit()
+    make_trainer(model, algorithm, pixels, callbacks=[spy], loggers=[mem], seed=0).fit()  # masks from seed 0
     assert np.isfinite(float(mem.data["loss/train/pmae"][0][1]))
     masked = sample_component_mask(basis.ratios, mask_generator(0, 0, 0, 0))
     coefficients = spy.fed[0].reshape(2, -1) @ basis.components

@@ -243,7 +243,8 @@ class PCAMasking(Algorithm):
             both are fixed masks that draw no random number, so resumption is unchanged.
         residual (str): ``'drop'`` (default): the part of the image outside the ``K`` components is left out of
             the input; ``'keep'`` (extension): it stays visible.
-        seed (int): masks are a pure function of ``(seed, batch, rank, microbatch)``.
+        seed (int, optional): masks are a pure function of ``(seed, batch, rank, microbatch)``. Default: the
+            Trainer's seed (``state.rank_zero_seed``), so that runs with different seeds draw different masks.
 
     Example:
         .. code-block:: python
@@ -260,7 +261,7 @@ class PCAMasking(Algorithm):
         ratio_range: Sequence[float] | None = None,
         per_sample: bool = False,
         residual: str = "drop",
-        seed: int = 0,
+        seed: int | None = None,
         strategy: str = "random",
     ) -> None:
         check_number("ratio", ratio, 0.0, 1.0, open_min=True, open_max=True)
@@ -283,7 +284,8 @@ class PCAMasking(Algorithm):
                 raise OptionError("ratio_range", f"must be [lo, hi] with 0 < lo <= hi < 1, got {list(ratio_range)}")
             ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
         check_choice("residual", residual, RESIDUALS)
-        check_int("seed", seed, 0)
+        if seed is not None:
+            check_int("seed", seed, 0)
         if not isinstance(basis, (str, os.PathLike, PCABasis)):
             raise OptionError("basis", f"expected a basis file path or a PCABasis, got {type(basis).__name__}")
         self.basis_source = basis
@@ -292,6 +294,7 @@ class PCAMasking(Algorithm):
         self.per_sample = bool(per_sample)
         self.residual = residual
         self.seed = seed
+        self._seed = 0 if seed is None else seed  # resolved at INIT: the Trainer's seed when ``seed`` is None
         self.strategy = strategy
         try:  # a missing or corrupted basis fails here, when the algorithm is made, not at the first step
             self.basis: PCABasis | None = load_basis(basis)
@@ -425,6 +428,7 @@ class PCAMasking(Algorithm):
         model = self.check_model(state.model)
         model.use_input_transform(self)
         self._model = model
+        self._seed = state.rank_zero_seed if self.seed is None else self.seed
 
     def _mask(self, keys: tuple[int, ...], batch_size: int, ratio: float | None = None) -> torch.Tensor:
         """The CPU mask for the generator keys ``keys``: drawn (``'random'``) or the fixed one (no draw at all)."""
@@ -432,7 +436,7 @@ class PCAMasking(Algorithm):
             return self._fixed_mask
         return sample_component_mask(
             self._load().ratios,
-            mask_generator(self.seed, *keys),
+            mask_generator(self._seed, *keys),
             ratio=self.ratio if ratio is None else ratio,
             ratio_range=self.ratio_range if ratio is None else None,
             batch_size=batch_size if self.per_sample else None,
@@ -510,9 +514,11 @@ class PCAMasking(Algorithm):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         basis = self._load()
-        return {**super().state_dict(), "basis_path": basis.path, "basis_sha256": basis.sha256, "seed": self.seed}
+        return {**super().state_dict(), "basis_path": basis.path, "basis_sha256": basis.sha256, "seed": self._seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.seed is None and state.get("seed") is not None:  # the run's own draws, whatever seed resumes it
+            self._seed = int(state["seed"])
         saved = state.get("basis_sha256")
         if saved is None:
             return
