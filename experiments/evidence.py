@@ -130,6 +130,7 @@ def training_recipe(
         for key in ("save_folder", "save_interval", "autoresume", "export_encoder", "load_path", "eval_data"):
             if raw.get(key) is not None:
                 raise ConfigError(f"{key}: the evidence recipes train without it (the command writes the records)")
+        # part of every record's recipe, hence of its fingerprint; the per-step rows come from StepMetrics
         raw["loggers"] = {**(raw.get("loggers") or {}), "in_memory": {}}
         validate(raw)
     except ConfigError as exc:
@@ -350,30 +351,6 @@ def evaluate_encoder(
 
 
 # ------------------------------------------------------------------------------------------------ one cell
-#: metrics the trainer logs inside a step, while its batch counter still holds the step's 0-based index; the others
-#: (the algorithms' diagnostics ``magma/*``, ``uniformity/*``, the callbacks' ``lr-*``) are logged at ``BATCH_END``,
-#: after the counter has advanced
-_LOGGED_IN_STEP = ("loss/", "trainer/", "time/")
-
-
-def _metrics_rows(trainer: Any) -> list[dict]:
-    """Every metric the trainer's in-memory logger holds, one row per training step: ``{"step": i, name: value}``
-    with ``i`` the 0-based index of the step the value belongs to (see :data:`_LOGGED_IN_STEP`)."""
-    from composer.loggers import InMemoryLogger
-
-    memory = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
-    rows: dict[int, dict] = {}
-    for name, entries in memory.data.items():
-        for timestamp, value in entries:
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                continue
-            step = int(timestamp.batch) - (0 if name.startswith(_LOGGED_IN_STEP) else 1)
-            rows.setdefault(step, {"step": step})[name] = number
-    return [rows[s] for s in sorted(rows)]
-
-
 def _loss_summary(rows: list[dict]) -> dict:
     """First and last values, and the mean over the last tenth of the steps, of each ``loss/train/*`` metric."""
     out = {}
@@ -389,6 +366,7 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
     """Trains one (method, seed) cell, exports its initial and trained encoders, evaluates both, writes its record."""
     import torch
 
+    from magma_composer.callbacks import StepMetrics
     from magma_composer.checkpoints import export_encoder, write_atomic
     from magma_composer.config import ConfigError, validate
     from magma_composer.precision import default_precision
@@ -403,6 +381,9 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
         trainer = build_trainer(validate(recipe))
     except ConfigError as exc:
         raise EvidenceError(f"cell {name}: {exc}") from None
+    steps_log = StepMetrics()  # every metric under the step it belongs to, whichever event logs it
+    trainer.logger.destinations = (*trainer.logger.destinations, steps_log)
+    trainer.state.callbacks.append(steps_log)
     try:
         init_path, trained_path = str(encoders / f"{name}-init.pt"), str(encoders / f"{name}.pt")
         export_encoder(trainer.state.model, init_path)  # the weights before the first step
@@ -412,7 +393,7 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
         train_seconds = time.perf_counter() - fit_start
         steps = int(trainer.state.timestamp.batch)
         export_encoder(trainer.state.model, trained_path)
-        rows = [r for r in _metrics_rows(trainer) if 0 <= r["step"] < steps]  # time/* is logged once more at the end
+        rows = [r for r in steps_log.rows() if 0 <= r["step"] < steps]  # time/* is logged once more at the end
         train_threads = torch.get_num_threads()
         device = "gpu" if type(trainer.state.device).__name__ == "DeviceGPU" else "cpu"
         # on a CPU Composer runs in fp32 while the model autocasts itself: the recipe's precision is the one in use

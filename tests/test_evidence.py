@@ -259,7 +259,12 @@ def test_presets_share_one_budget_and_the_cifar10_algorithm_settings():
                     assert {k: v for k, v in got[name].items() if k != "basis"} == options
                 elif name == "magma":  # the same window; the last two blocks of the preset's depth
                     depth = raw["model"]["encoder"]["depth"]
-                    assert got[name]["weight"] == options["weight"]
+                    window = options["weight"]
+                    if preset == "cpu":  # lambda 0.1 in the published window, for 450 steps (m-mae.yaml says why)
+                        tenth = [[window["start"], window["end"], 0.1], [window["end"], "1dur", 1e-6]]
+                        assert got[name]["weight"] == {"type": "intervals", "intervals": tenth}
+                    else:
+                        assert got[name]["weight"] == window
                     assert (got[name]["reference_layers"], got[name]["target_layer"]) == ([depth - 2], depth - 1)
                 else:
                     assert got[name] == options
@@ -302,8 +307,17 @@ def test_pmae_cell_fits_its_basis_once_and_evaluates_raw_pixels(tiny_recipes, de
     assert record["basis"] == str(basis) and record["recipe"]["algorithms"]["pca_masking"]["basis"] == str(basis)
     assert record["evaluation"]["train_data"]["normalize"] == "none"
     assert record["results"]["init"]["cls"]["linear"] >= 0
-    rows = (out / "cells" / "pmae-s0.metrics.jsonl").read_text()
-    assert "loss/train/pmae" in rows
+    # each step's row holds its own loss and its own mask's monitor (logged inside the step, at AFTER_LOSS)
+    from magma_composer.algorithms.pca_masking import mask_generator, sample_component_mask
+    from magma_composer.pca import load_basis
+
+    ratios = load_basis(basis).ratios
+    rows = [json.loads(line) for line in (out / "cells" / "pmae-s0.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(record["steps"]))
+    for r in rows:
+        masked = sample_component_mask(ratios, mask_generator(0, r["step"], 0, 0), ratio=0.2)
+        assert r["pca_masking/masked_components"] == int(masked.sum()), r["step"]
+        assert math.isfinite(r["loss/train/pmae"])
     # the basis is fitted once: a resumed run finds it
     assert evidence.main([*args, "--methods", "pmae"]) == 0
     printed = capsys.readouterr().out
