@@ -5,24 +5,26 @@ Three commands::
     python experiments/evidence.py run --preset cpu --data data/cifar10-mds --out runs/evidence \\
         [--methods mae,m-mae,u-mae,mu-mae,pmae] [--seeds 0,1,2] [--basis FILE] [--set key.path=value ...] \\
         [--eval-set key.path=value ...]
-    python experiments/evidence.py report --out runs/evidence [--json docs/results-evidence.json] \\
+    python experiments/evidence.py report --out runs/evidence [--json docs/results-evidence.json] [--preset cpu] \\
         [--baseline runs/evidence --baseline-methods mae]
     python experiments/evidence.py project --step-seconds S [--recipes FILE ...] [--gpus N] [--dataset-size N]
 
-``run`` trains each (method, seed) cell from ``yamls/evidence/<preset>/<method>.yaml`` (every method recipe extends
-the preset's ``base.yaml``: the same model, data, optimizer, schedule and steps; only the algorithm differs) through
-the package's own builder (:func:`magma_composer.train.build_trainer`), saves the encoder's weights before the first
-step (the exact initialisation) and after the last, and evaluates both with the preset's ``eval.yaml``: features
-extracted once per encoder and pooling (:func:`magma_composer.evaluate.features.cached_features`), then kNN
+``run`` trains the preset's default matrix, ``yamls/evidence/<preset>/matrix.yaml`` (the seeds of each method,
+chosen to fit the preset's time; ``--methods`` picks some of them, ``--seeds`` gives every method named the same
+seeds), one (method, seed) cell at a time, each from ``yamls/evidence/<preset>/<method>.yaml`` (every method recipe
+extends the preset's ``base.yaml``: the same model, data, optimizer, schedule and steps; only the algorithm differs)
+through the package's own builder (:func:`magma_composer.train.build_trainer`), saves the encoder's weights before
+the first step (the exact initialisation) and after the last, and evaluates both with the preset's ``eval.yaml``:
+features extracted once per encoder and pooling (:func:`magma_composer.evaluate.features.cached_features`), then kNN
 (:class:`~magma_composer.evaluate.knn.KNNProtocol`) and the fast linear probe
 (:class:`~magma_composer.evaluate.linear.FastLinearProbe`) on the same features. Each finished cell writes
 ``<out>/cells/<method>-s<seed>.json`` (the resolved recipe, evaluation settings, seed, git commit, wall times,
 losses, results of the initialisation and of the trained encoder) and ``<method>-s<seed>.metrics.jsonl`` (every
 metric the trainer logged, one JSON object ``{"step": i, "<metric>": value, ...}`` per step, ``i`` from 0: the MAE
-loss, the MAGMA term and its diagnostics ``magma/*``, uniformity, lr). A cell with a record is never recomputed,
-so a stopped matrix resumes where it stopped (an unfinished cell restarts from its first step); a record written
-with another recipe or evaluation is refused rather than mixed. ``--set`` overrides apply to every method's
-training recipe (the budget: ``max_duration=600ba``), ``--eval-set`` to the evaluation (``features.pools=[cls,mean]``).
+loss, the MAGMA term and its diagnostics ``magma/*``, uniformity, lr). A cell with a record is never recomputed, so
+a stopped matrix resumes where it stopped (an unfinished cell restarts from its first step); a record written with
+another recipe or evaluation is refused rather than mixed. ``--set`` overrides apply to every method's training
+recipe (the budget: ``max_duration=600ba``), ``--eval-set`` to the evaluation (``features.pools=[cls,mean]``).
 
 PMAE needs a PCA basis of the training images at the model's size: ``--basis FILE``, else ``<out>/basis-<S>.pt``,
 fitted once (``python -m magma_composer.pca fit``) when missing.
@@ -31,8 +33,10 @@ fitted once (``python -m magma_composer.pca fit``) when missing.
 figure for the trained encoders and their initialisations, the trained - init gain, and the paired differences to
 MAE by seed (mean, std, min..max, how many seeds positive); from two seeds on, each mean gain and paired difference
 also gets its 95 % Student-t interval (an interval that excludes 0 is the report's test of "clearly"). Then a Markdown
-table; ``--json`` writes all of it. ``--baseline DIR`` pairs a follow-up run (say M-MAE with another weight,
-``--methods m-mae``) with another matrix's cells of ``--baseline-methods`` (default MAE), evaluated the same way.
+table; ``--json`` writes all of it. ``--preset P`` reports only the cells of P's matrix.yaml from a folder that holds
+more (extra seeds), i.e. what ``run --preset P`` alone reproduces. ``--baseline DIR`` pairs a follow-up run (say
+M-MAE with another weight, ``--methods m-mae``) with another matrix's cells of ``--baseline-methods`` (default MAE),
+evaluated the same way.
 
 ``project`` turns a measured seconds-per-step (of the recipe's model at its per-device batch on one GPU) into each
 full-length recipe's steps and expected wall time: ``steps = floor(dataset size / (batch x GPUs)) x epochs``.
@@ -86,16 +90,59 @@ def parse_methods(text: str, flag: str = "--methods") -> list[str]:
     return names
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``'0,1,2'`` -> ``[0, 1, 2]``; each an integer in [0, 2**32), none twice."""
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """``'0,1,2'`` -> ``[0, 1, 2]``; each an integer in [0, 2**32), none twice (errors name ``flag``)."""
     seeds = []
     for part in (p.strip() for p in text.split(",")):
         if not part.isdigit() or int(part) >= 2**32:
-            raise EvidenceError(f"--seeds: {part!r} is not a seed; give integers in [0, 2**32), e.g. 0,1,2")
+            raise EvidenceError(f"{flag}: {part!r} is not a seed; give integers in [0, 2**32), e.g. 0,1,2")
         seeds.append(int(part))
     if len(set(seeds)) != len(seeds):
-        raise EvidenceError(f"--seeds: {text!r} names a seed twice")
+        raise EvidenceError(f"{flag}: {text!r} names a seed twice")
     return seeds
+
+
+def read_matrix(recipes: Path) -> dict[str, list[int]]:
+    """The default matrix of a recipe folder: ``<recipes>/matrix.yaml``'s ``seeds`` (``{method: [seed, ...]}``),
+    in METHODS order; without that file, seeds 0, 1 and 2 for every method with a recipe in the folder."""
+    import yaml
+
+    path = recipes / "matrix.yaml"
+    if not path.is_file():
+        return {m: [0, 1, 2] for m in METHODS if (recipes / f"{m}.yaml").is_file()}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EvidenceError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("seeds"), dict) or not raw["seeds"]:
+        raise EvidenceError(f"{path}: expected a key seeds: a mapping of method to a list of seeds")
+    for key in raw:
+        if key != "seeds":
+            raise EvidenceError(f"{path}: unknown key {key!r}; the file has one key, seeds")
+    matrix = {}
+    for method, seeds in raw["seeds"].items():
+        where = f"{path}: seeds.{method}"
+        if method not in METHODS:
+            raise EvidenceError(f"{where}: {method!r} is not a method; choose from {', '.join(METHODS)}")
+        if not isinstance(seeds, list) or not seeds:
+            raise EvidenceError(f"{where}: {seeds!r} is not a non-empty list of seeds, e.g. [0, 1, 2]")
+        matrix[method] = parse_seeds(",".join(str(s) for s in seeds), where)
+    return {m: matrix[m] for m in METHODS if m in matrix}
+
+
+def cells_to_run(recipes: Path, methods: str | None, seeds: str | None) -> dict[str, list[int]]:
+    """``{method: seeds}`` of a run: ``--methods`` (default: the matrix's) each with ``--seeds`` (default: its
+    seeds in the folder's matrix.yaml)."""
+    matrix = read_matrix(recipes)
+    names = parse_methods(methods) if methods is not None else list(matrix)
+    if seeds is not None:
+        return {m: parse_seeds(seeds) for m in names}
+    missing = [m for m in names if m not in matrix]
+    if missing:
+        raise EvidenceError(
+            f"--methods: {', '.join(missing)} has no seeds in {recipes / 'matrix.yaml'}; give --seeds, e.g. 0,1,2"
+        )
+    return {m: matrix[m] for m in names}
 
 
 def _overrides(items: Sequence[str], flag: str) -> list[str]:
@@ -460,10 +507,11 @@ def _format_seconds(s: float) -> str:
 
 def command_run(args: argparse.Namespace) -> int:
     """``run``: every (method, seed) cell without a record, in order, with progress and an ETA."""
-    methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
     recipes = Path(args.recipes) if args.recipes else preset_dir(args.preset)
     if not recipes.is_dir():
         raise EvidenceError(f"--recipes: {recipes} is not a folder of method recipes")
+    cells = cells_to_run(recipes, args.methods, args.seeds)
+    methods = list(cells)
     for method in methods:
         if not (recipes / f"{method}.yaml").is_file():
             raise EvidenceError(f"--methods: {method!r} has no recipe {recipes / (method + '.yaml')}")
@@ -477,7 +525,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     # every recipe and the evaluation data are checked before the first cell trains (and before PMAE's basis is
     # fitted): a typo fails now, not an hour in
-    first = [training_recipe(recipes, method, seeds[0], data, sets) for method in methods]
+    first = [training_recipe(recipes, method, cells[method][0], data, sets) for method in methods]
     for method, recipe in zip(methods, first):
         if method != "pmae":  # PMAE's recipe builds once its basis exists, below
             check_buildable(recipe, f"recipe {recipes / (method + '.yaml')}")
@@ -494,7 +542,7 @@ def command_run(args: argparse.Namespace) -> int:
             else:
                 basis = ensure_basis(out, data, size, args.basis)
         settings = evaluation_settings(recipes, data, eval_sets, raw_pixels)
-        for seed in seeds:
+        for seed in cells[method]:
             recipe = training_recipe(recipes, method, seed, data, sets, basis if raw_pixels else None)
             plan.append((method, seed, recipe, settings, basis if raw_pixels else None))
         if raw_pixels and Path(basis).is_file():
@@ -516,7 +564,8 @@ def command_run(args: argparse.Namespace) -> int:
             continue
         todo.append((method, seed, recipe, settings, cell_basis))
     total = len(plan)
-    print(f"[evidence] {total} cells ({len(methods)} methods x {len(seeds)} seeds) in {out}: "
+    counts = ", ".join(f"{m} x {len(cells[m])}" for m in methods)
+    print(f"[evidence] {total} cells ({counts} seeds) in {out}: "
           f"{done_count} already done, {len(todo)} to run", flush=True)  # fmt: skip
     if args.dry_run:
         for method, seed, recipe, settings, _ in todo:
@@ -744,6 +793,13 @@ def command_report(args: argparse.Namespace) -> int:
         raise EvidenceError("--baseline-methods: needs --baseline (the folder to take those methods' cells from)")
     methods = parse_methods(args.baseline_methods or "mae", "--baseline-methods")
     found = _cell_records(args.out, "--out")
+    if args.preset is not None:  # the default matrix's cells only: what `run --preset P` alone reproduces
+        matrix = read_matrix(preset_dir(args.preset))
+        found = [(p, r) for p, r in found if r.get("seed") in matrix.get(r.get("method"), ())]
+        if not found:
+            raise EvidenceError(f"--preset: {args.out} holds no cell of the {args.preset} preset's matrix")
+        print(f"[evidence] the {args.preset} preset's matrix only: "
+              + ", ".join(f"{m} seeds {','.join(map(str, s))}" for m, s in matrix.items()))  # fmt: skip
     records = [r for _, r in found]
     if args.baseline:
         records += baseline_records(found, args.baseline, methods)
@@ -844,8 +900,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipes", default=None, help="a folder of method recipes and eval.yaml instead of --preset")
     run.add_argument("--data", required=True, help="an image data set as MDS with splits train and test (CIFAR-10)")
     run.add_argument("--out", required=True, help="the matrix's folder (records, encoders, features)")
-    run.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    run.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
+    run.add_argument("--methods", default=None, help=f"comma-separated, from {', '.join(METHODS)} (default: "
+                     "the methods of the preset's matrix.yaml)")  # fmt: skip
+    run.add_argument("--seeds", default=None, help="comma-separated integers, for every method (default: each "
+                     "method's seeds in the preset's matrix.yaml, else 0,1,2)")  # fmt: skip
     run.add_argument("--basis", default=None, help="PMAE's PCA basis (default: <out>/basis-<S>.pt, fitted once)")
     run.add_argument("--set", action="append", default=[], help="key.path=value for every training recipe")
     run.add_argument("--eval-set", action="append", default=[], help="key.path=value for the evaluation")
@@ -853,6 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="per method statistics and paired differences to MAE")
     report.add_argument("--out", required=True, help="the matrix's folder")
     report.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    report.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)}: only the cells of its "
+                        "matrix.yaml (what `run --preset P` reproduces); default: every cell in --out")  # fmt: skip
     report.add_argument("--baseline", default=None, help="another matrix's folder to take --baseline-methods from")
     report.add_argument("--baseline-methods", default=None, help="comma-separated methods of --baseline (default mae)")
     project = sub.add_parser("project", help="full-length recipes' wall time from a measured step time")

@@ -331,7 +331,7 @@ def test_dry_run_checks_and_lists_the_cells_without_work(tiny_recipes, demo_mds,
     args = ["run", "--recipes", str(tiny_recipes), "--data", str(demo_mds), "--out", str(out), "--dry-run"]
     assert evidence.main([*args, "--methods", "mae,mu-mae", "--seeds", "3,4"]) == 0
     printed = capsys.readouterr().out
-    assert "4 cells (2 methods x 2 seeds)" in printed
+    assert "4 cells (mae x 2, mu-mae x 2 seeds)" in printed
     assert "would run mu-mae seed 4: 4ba of 16" in printed and "algorithms magma, uniformity" in printed
     assert not (out / "cells").exists() and not (out / "encoders").exists()
 
@@ -366,3 +366,69 @@ def test_report_pairs_a_follow_up_with_another_matrix_baseline(matrix, tmp_path,
     record["evaluation"]["knn"]["k"] = [1]
     (other / "cells" / "mae-s0.json").write_text(json.dumps(record))
     refused(["--out", str(follow), "--baseline", str(other)], "was evaluated with other settings")
+
+
+def test_a_folders_matrix_yaml_is_the_default_matrix(tiny_recipes, demo_mds, tmp_path, capsys):
+    """Without --methods and --seeds a run trains matrix.yaml's cells; --seeds applies to every method named."""
+    recipes = tmp_path / "recipes"
+    shutil.copytree(tiny_recipes, recipes)
+    (recipes / "pmae.yaml").unlink(missing_ok=True)  # another test adds it to the shared folder
+    base = ["run", "--recipes", str(recipes), "--data", str(demo_mds), "--out", str(tmp_path / "out"), "--dry-run"]
+    assert evidence.main(base) == 0  # no matrix.yaml: seeds 0, 1 and 2 of every method with a recipe
+    assert "6 cells (mae x 3, mu-mae x 3 seeds)" in capsys.readouterr().out
+    (recipes / "matrix.yaml").write_text("seeds:\n  mu-mae: [4, 5, 6]\n  mae: [1]\n")
+    assert evidence.main(base) == 0
+    printed = capsys.readouterr().out
+    assert "4 cells (mae x 1, mu-mae x 3 seeds)" in printed
+    assert "would run mae seed 1:" in printed and "would run mu-mae seed 6:" in printed
+    assert "would run mae seed 0:" not in printed
+    assert evidence.main([*base, "--seeds", "7"]) == 0
+    assert "2 cells (mae x 1, mu-mae x 1 seeds)" in capsys.readouterr().out
+    assert evidence.main([*base, "--methods", "mu-mae"]) == 0
+    assert "3 cells (mu-mae x 3 seeds)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seeds:\n  vit: [0]\n", "seeds.vit: 'vit' is not a method; choose from mae"),
+        ("seeds:\n  mae: [0, x]\n", "seeds.mae: 'x' is not a seed"),
+        ("seeds:\n  mae: [-1]\n", "seeds.mae: '-1' is not a seed"),
+        ("seeds:\n  mae: [0, 0]\n", "seeds.mae: '0,0' names a seed twice"),
+        ("seeds:\n  mae: []\n", "seeds.mae: [] is not a non-empty list of seeds"),
+        ("seeds:\n  mae: [0]\nsteps: 5\n", "unknown key 'steps'; the file has one key, seeds"),
+        ("mae: [0]\n", "expected a key seeds: a mapping of method to a list of seeds"),
+        ("seeds: [0, 1\n", "not valid YAML"),
+        ("seeds:\n  mae: [0]\n", "--methods: mu-mae has no seeds in"),  # a method the matrix lacks needs --seeds
+    ],
+)
+def test_a_bad_matrix_yaml_is_named(text, message, tiny_recipes, demo_mds, tmp_path, capsys):
+    recipes = tmp_path / "recipes"
+    shutil.copytree(tiny_recipes, recipes)
+    (recipes / "matrix.yaml").write_text(text)
+    args = ["run", "--recipes", str(recipes), "--data", str(demo_mds), "--out", str(tmp_path / "out"), "--dry-run"]
+    assert evidence.main([*args, "--methods", "mae,mu-mae"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evidence.py: error:") and message in err and "matrix.yaml" in err, err
+
+
+def test_the_shipped_matrices_and_a_report_of_one(matrix, tmp_path, monkeypatch, capsys):
+    """The CPU preset has at least 3 seeds for MAE and MU-MAE and 2 for the rest; `report --preset` keeps the
+    preset matrix's cells of a folder that holds more."""
+    for preset in evidence.PRESETS:
+        seeds = evidence.read_matrix(evidence.preset_dir(preset))
+        assert list(seeds) == list(evidence.METHODS), preset
+        assert min(len(seeds["mae"]), len(seeds["mu-mae"])) >= 3 and min(map(len, seeds.values())) >= 2, preset
+    out, _ = matrix  # mae and mu-mae, seeds 0 and 1
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    (chosen / "matrix.yaml").write_text("seeds:\n  mae: [0, 1]\n  mu-mae: [1]\n")
+    monkeypatch.setattr(evidence, "preset_dir", lambda preset: chosen)
+    assert evidence.main(["report", "--out", str(out), "--preset", "cpu", "--json", str(tmp_path / "r.json")]) == 0
+    assert "matrix only: mae seeds 0,1, mu-mae seeds 1" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["methods"]["mae"]["seeds"] == [0, 1] and summary["methods"]["mu-mae"]["seeds"] == [1]
+    assert summary["paired_vs_mae"]["mu-mae"]["seeds"] == [1]
+    (chosen / "matrix.yaml").write_text("seeds:\n  pmae: [0]\n")
+    assert evidence.main(["report", "--out", str(out), "--preset", "cpu"]) == 2
+    assert "holds no cell of the cpu preset's matrix" in capsys.readouterr().err
