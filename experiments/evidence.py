@@ -793,16 +793,16 @@ def command_report(args: argparse.Namespace) -> int:
         raise EvidenceError("--baseline-methods: needs --baseline (the folder to take those methods' cells from)")
     methods = parse_methods(args.baseline_methods or "mae", "--baseline-methods")
     found = _cell_records(args.out, "--out")
-    if args.preset is not None:  # the default matrix's cells only: what `run --preset P` alone reproduces
-        matrix = read_matrix(preset_dir(args.preset))
-        found = [(p, r) for p, r in found if r.get("seed") in matrix.get(r.get("method"), ())]
-        if not found:
-            raise EvidenceError(f"--preset: {args.out} holds no cell of the {args.preset} preset's matrix")
-        print(f"[evidence] the {args.preset} preset's matrix only: "
-              + ", ".join(f"{m} seeds {','.join(map(str, s))}" for m, s in matrix.items()))  # fmt: skip
     records = [r for _, r in found]
     if args.baseline:
         records += baseline_records(found, args.baseline, methods)
+    if args.preset is not None:  # the default matrix's cells only: what `run --preset P` alone reproduces
+        matrix = read_matrix(preset_dir(args.preset))
+        records = [r for r in records if r.get("seed") in matrix.get(r.get("method"), ())]
+        if not records:
+            raise EvidenceError(f"--preset: {args.out} holds no cell of the {args.preset} preset's matrix")
+        print(f"[evidence] the {args.preset} preset's matrix only: "
+              + ", ".join(f"{m} seeds {','.join(map(str, s))}" for m, s in matrix.items()))  # fmt: skip
     summary = summarize(records)
     if args.baseline:
         print(f"[evidence] {', '.join(methods)} from {args.baseline}, the rest from {args.out}")

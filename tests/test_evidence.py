@@ -429,6 +429,27 @@ def test_the_shipped_matrices_and_a_report_of_one(matrix, tmp_path, monkeypatch,
     summary = json.loads((tmp_path / "r.json").read_text())
     assert summary["methods"]["mae"]["seeds"] == [0, 1] and summary["methods"]["mu-mae"]["seeds"] == [1]
     assert summary["paired_vs_mae"]["mu-mae"]["seeds"] == [1]
+    follow = tmp_path / "follow"  # a follow-up's cells and the baseline's are both cut to the matrix
+    (follow / "cells").mkdir(parents=True)
+    for path in (out / "cells").glob("mu-mae-s*.json"):
+        shutil.copy(path, follow / "cells" / path.name)
+    (chosen / "matrix.yaml").write_text("seeds:\n  mae: [1]\n  mu-mae: [0, 1]\n")
+    args = [
+        "report",
+        "--out",
+        str(follow),
+        "--baseline",
+        str(out),
+        "--preset",
+        "cpu",
+        "--json",
+        str(tmp_path / "f.json"),
+    ]
+    assert evidence.main(args) == 0
+    summary = json.loads((tmp_path / "f.json").read_text())
+    assert summary["methods"]["mae"]["seeds"] == [1] and summary["methods"]["mu-mae"]["seeds"] == [0, 1]
+    assert summary["paired_vs_mae"]["mu-mae"]["seeds"] == [1]
+    capsys.readouterr()
     (chosen / "matrix.yaml").write_text("seeds:\n  pmae: [0]\n")
     assert evidence.main(["report", "--out", str(out), "--preset", "cpu"]) == 2
     assert "holds no cell of the cpu preset's matrix" in capsys.readouterr().err
