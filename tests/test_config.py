@@ -214,12 +214,12 @@ def test_cli_fails_fast_with_key_path(tmp_path):
     assert "model.encoder.dpth: unknown key" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# yamls/eval/ holds evaluation recipes; yamls/evidence/<preset>/eval.yaml the evidence matrix's evaluation settings
-# (checked by tests/test_evidence.py)
+# yamls/eval/ holds evaluation recipes; yamls/evidence/<preset>/{eval,matrix}.yaml the evidence matrix's evaluation
+# settings and seeds (checked by tests/test_evidence.py)
 TRAINING_RECIPES = sorted(
     p.relative_to(REPO)
     for p in (REPO / "yamls").rglob("*.yaml")
-    if p.parent.name != "eval" and not (p.parent.parent.name == "evidence" and p.name == "eval.yaml")
+    if p.parent.name != "eval" and not (p.parent.parent.name == "evidence" and p.name in ("eval.yaml", "matrix.yaml"))
 )
 
 

@@ -96,11 +96,12 @@ def test_pmae_recipes_follow_the_pmae_paper():
 
 
 # ---------------------------------------------------------------------- every shipped recipe loads
-# the evidence matrix's evaluation settings (yamls/evidence/<preset>/eval.yaml) are checked by tests/test_evidence.py
+# the evidence matrix's evaluation settings and seeds (yamls/evidence/<preset>/{eval,matrix}.yaml) are checked by
+# tests/test_evidence.py
 RECIPES = sorted(
     p.relative_to(REPO)
     for p in (REPO / "yamls").rglob("*.yaml")
-    if not (p.parent.parent.name == "evidence" and p.name == "eval.yaml")
+    if not (p.parent.parent.name == "evidence" and p.name in ("eval.yaml", "matrix.yaml"))
 )
 EVAL_PROTOCOLS = ("linear-fast", "knn", "linear", "mlp", "finetune")  # longest prefix first
 
