@@ -54,6 +54,12 @@ TINY_MODEL = {
 }
 
 
+def is_evidence_settings(path: Path) -> bool:
+    """yamls/evidence/<preset>/{eval,matrix}.yaml: the evidence matrix's evaluation settings and seeds, not recipes
+    (checked by tests/test_evidence.py)."""
+    return path.parent.parent.name == "evidence" and path.name in ("eval.yaml", "matrix.yaml")
+
+
 def load_script(path: Path):
     """Imports a script that is not in a package (``experiments/*.py``) as the module named after its file."""
     import importlib.util

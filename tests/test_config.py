@@ -11,7 +11,7 @@ import yaml
 from magma_composer import registry
 from magma_composer.config import ConfigError, apply_overrides, load_config, parse_overrides, validate
 from magma_composer.train import build_trainer, main
-from tests.conftest import REPO, tiny_recipe
+from tests.conftest import REPO, is_evidence_settings, tiny_recipe
 
 
 def base():
@@ -214,12 +214,11 @@ def test_cli_fails_fast_with_key_path(tmp_path):
     assert "model.encoder.dpth: unknown key" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# yamls/eval/ holds evaluation recipes; yamls/evidence/<preset>/{eval,matrix}.yaml the evidence matrix's evaluation
-# settings and seeds (checked by tests/test_evidence.py)
+# yamls/eval/ holds evaluation recipes
 TRAINING_RECIPES = sorted(
     p.relative_to(REPO)
     for p in (REPO / "yamls").rglob("*.yaml")
-    if p.parent.name != "eval" and not (p.parent.parent.name == "evidence" and p.name in ("eval.yaml", "matrix.yaml"))
+    if p.parent.name != "eval" and not is_evidence_settings(p)
 )
 
 

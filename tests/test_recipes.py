@@ -5,7 +5,7 @@ import torch
 
 from magma_composer import registry
 from magma_composer.config import ConfigError, load_config, read_recipe
-from tests.conftest import REPO
+from tests.conftest import REPO, is_evidence_settings
 
 IMAGENET = REPO / "yamls" / "imagenet"
 
@@ -96,13 +96,7 @@ def test_pmae_recipes_follow_the_pmae_paper():
 
 
 # ---------------------------------------------------------------------- every shipped recipe loads
-# the evidence matrix's evaluation settings and seeds (yamls/evidence/<preset>/{eval,matrix}.yaml) are checked by
-# tests/test_evidence.py
-RECIPES = sorted(
-    p.relative_to(REPO)
-    for p in (REPO / "yamls").rglob("*.yaml")
-    if not (p.parent.parent.name == "evidence" and p.name in ("eval.yaml", "matrix.yaml"))
-)
+RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "yamls").rglob("*.yaml") if not is_evidence_settings(p))
 EVAL_PROTOCOLS = ("linear-fast", "knn", "linear", "mlp", "finetune")  # longest prefix first
 
 
