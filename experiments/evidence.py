@@ -4,7 +4,7 @@ Three commands::
 
     python experiments/evidence.py run --preset cpu --data data/cifar10-mds --out runs/evidence \\
         [--methods mae,m-mae,u-mae,mu-mae,pmae] [--seeds 0,1,2] [--basis FILE] [--set key.path=value ...] \\
-        [--eval-set key.path=value ...]
+        [--eval-set key.path=value ...] [--reevaluate] [--dry-run]
     python experiments/evidence.py report --out runs/evidence [--json docs/results-evidence.json] [--preset cpu] \\
         [--baseline runs/evidence --baseline-methods mae]
     python experiments/evidence.py project --step-seconds S [--recipes FILE ...] [--gpus N] [--dataset-size N]
@@ -23,7 +23,10 @@ losses, results of the initialisation and of the trained encoder) and ``<method>
 metric the trainer logged, one JSON object ``{"step": i, "<metric>": value, ...}`` per step, ``i`` from 0: the MAE
 loss, the MAGMA term and its diagnostics ``magma/*``, uniformity, lr). A cell with a record is never recomputed, so
 a stopped matrix resumes where it stopped (an unfinished cell restarts from its first step); a record written with
-another recipe or evaluation is refused rather than mixed. ``--set`` overrides apply to every method's training
+another recipe or evaluation is refused rather than mixed. With ``--reevaluate``, a record whose training recipe is
+this run's but whose evaluation is not is evaluated again from its saved encoders (features come from the cache):
+a new evaluation protocol costs minutes, not the matrix's hours; the record keeps its training and notes, under
+``reevaluated``, the evaluation it replaced. ``--set`` overrides apply to every method's training
 recipe (the budget: ``max_duration=600ba``), ``--eval-set`` to the evaluation (``features.pools=[cls,mean]``).
 
 PMAE needs a PCA basis of the training images at the model's size: ``--basis FILE``, else ``<out>/basis-<S>.pt``,
@@ -485,6 +488,40 @@ def run_cell(method: str, seed: int, recipe: dict, settings: dict, out: Path, ba
     return record
 
 
+def reevaluate_cell(path: Path, record: dict, settings: dict, out: Path, basis: str | None, expected: str) -> dict:
+    """Evaluates a finished cell's saved encoders (initial and trained) with ``settings`` and rewrites its record:
+    the new evaluation, results, fingerprint and evaluation times; the training's fields are kept, and
+    ``reevaluated`` notes the fingerprint and evaluation the results replaced."""
+    from magma_composer.checkpoints import write_atomic
+
+    name = f"{record['method']}-s{record['seed']}"
+    print(f"[evidence] {name}: evaluating the saved encoders again (the training is kept)", flush=True)
+    threads = record["recipe"].get("cpu_threads")
+    start = time.perf_counter()
+    init = evaluate_encoder(record["encoders"]["init"], basis, settings, out, f"{name} init", threads)
+    init_seconds = time.perf_counter() - start
+    trained = evaluate_encoder(record["encoders"]["trained"], basis, settings, out, f"{name} trained", threads)
+    previous = {
+        "fingerprint": record.get("fingerprint"),
+        "evaluation": record.get("evaluation"),
+        "git": record.get("git"),
+    }
+    record = {
+        **record,
+        "evaluation": settings,
+        "fingerprint": expected,
+        "results": {"init": init, "trained": trained},
+        "seconds": {
+            **record["seconds"],
+            "eval_init": init_seconds,
+            "eval_trained": time.perf_counter() - start - init_seconds,
+        },
+        "reevaluated": {**previous, "at_git": git_commit()},
+    }
+    write_atomic(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+    return record
+
+
 def _without_seed(recipe: dict) -> dict:
     return {k: v for k, v in recipe.items() if k not in ("seed", "run_name")}
 
@@ -549,31 +586,56 @@ def command_run(args: argparse.Namespace) -> int:
             check_buildable(plan[-1][2], f"recipe {recipes / (method + '.yaml')}")
 
     meta = {"preset": args.preset if not args.recipes else None, "recipes": str(recipes), "git": git_commit()}
-    todo, done_count = [], 0
+    todo, stale, done_count = [], [], 0
     for method, seed, recipe, settings, cell_basis in plan:
         path = out / "cells" / f"{method}-s{seed}.json"
         if path.is_file():
             record = read_record(path)
             expected = fingerprint({"recipe": _without_seed(recipe), "evaluation": settings})
-            if record.get("fingerprint") != expected:
-                raise EvidenceError(
-                    f"{path} was made with another recipe or evaluation than this run's (fingerprint "
-                    f"{record.get('fingerprint')} vs {expected}); use another --out, or delete the record to recompute"
-                )
-            done_count += 1
-            continue
+            if record.get("fingerprint") == expected:
+                done_count += 1
+                continue
+            # the same training, evaluated otherwise: its saved encoders can be evaluated again without training
+            same_training = isinstance(record.get("recipe"), dict) and expected == fingerprint(
+                {"recipe": _without_seed(record["recipe"]), "evaluation": settings}
+            )
+            if same_training and args.reevaluate:
+                stale.append((path, record, settings, cell_basis, expected))
+                continue
+            hint = (
+                "its training matches this run's, only the evaluation differs: add --reevaluate to evaluate its "
+                "saved encoders with this run's evaluation"
+                if same_training
+                else "use another --out, or delete the record to recompute"
+            )
+            raise EvidenceError(
+                f"{path} was made with another recipe or evaluation than this run's (fingerprint "
+                f"{record.get('fingerprint')} vs {expected}); {hint}"
+            )
         todo.append((method, seed, recipe, settings, cell_basis))
     total = len(plan)
     counts = ", ".join(f"{m} x {len(cells[m])}" for m in methods)
+    again = f", {len(stale)} to evaluate again" if stale else ""
     print(f"[evidence] {total} cells ({counts} seeds) in {out}: "
-          f"{done_count} already done, {len(todo)} to run", flush=True)  # fmt: skip
+          f"{done_count} already done{again}, {len(todo)} to run", flush=True)  # fmt: skip
+    for path, record, *_ in stale:  # before any training: a missing encoder fails now, not hours in
+        for which in ("init", "trained"):
+            if not Path(str(record.get("encoders", {}).get(which))).is_file():
+                raise EvidenceError(
+                    f"--reevaluate: {path}'s {which} encoder {record.get('encoders', {}).get(which)} is missing; "
+                    "delete the record to train the cell again"
+                )
     if args.dry_run:
+        for path, *_ in stale:
+            print(f"[evidence] would evaluate {path.name}'s encoders again with this run's evaluation", flush=True)
         for method, seed, recipe, settings, _ in todo:
             algorithms = ", ".join(sorted(recipe.get("algorithms") or {})) or "none"
             print(f"[evidence] would run {method} seed {seed}: {recipe['max_duration']} of "
                   f"{recipe['train_data']['batch_size']}, model {recipe['model']}, optimizer {recipe['optimizer']}, "
                   f"algorithms {algorithms}; evaluation pools {settings['features']['pools']}", flush=True)  # fmt: skip
         return 0
+    for path, record, settings, cell_basis, expected in stale:
+        reevaluate_cell(path, record, settings, out, cell_basis, expected)
     started, spent = time.perf_counter(), []
     for i, (method, seed, recipe, settings, cell_basis) in enumerate(todo):
         print(f"[evidence] cell {done_count + i + 1}/{total}: {method} seed {seed} ...", flush=True)
@@ -908,6 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], help="key.path=value for every training recipe")
     run.add_argument("--eval-set", action="append", default=[], help="key.path=value for the evaluation")
     run.add_argument("--dry-run", action="store_true", help="check every recipe and print the cells to run; no work")
+    run.add_argument("--reevaluate", action="store_true", help="evaluate again, with this run's evaluation, the "
+                     "saved encoders of cells trained with this run's recipe but evaluated otherwise")  # fmt: skip
     report = sub.add_parser("report", help="per method statistics and paired differences to MAE")
     report.add_argument("--out", required=True, help="the matrix's folder")
     report.add_argument("--json", default=None, help="also write the summary to this JSON file")

@@ -91,6 +91,50 @@ def test_l2_is_chosen_on_held_out_features_then_refitted():
     assert [r["top1"] for r in again["val"]] == [r["top1"] for r in result["val"]]
 
 
+def test_l2_is_chosen_by_cross_validation_over_every_training_feature():
+    x, y = gaussian_classes(5, 700, 4, 30, separation=0.4)
+    train_x, train_y, test_x, test_y = x[:400], y[:400], x[400:], y[400:]
+    l2s = [1e-4, 1e-2, 1.0]
+    result = fit_linear_probe(train_x, train_y, test_x, test_y, l2=l2s, folds=4, seed=3, dtype="float64")
+    # independently: each l2 fitted on three of the four seeded parts, scored on the fourth, summed over parts
+    parts = torch.randperm(400, generator=torch.Generator().manual_seed(3)).chunk(4)
+    for row in result["val"]:
+        hits = 0.0
+        for k, held in enumerate(parts):
+            fit = torch.cat([p for j, p in enumerate(parts) if j != k])
+            one = fit_linear_probe(train_x[fit], train_y[fit], train_x[held], train_y[held], l2=row["l2"],
+                                   dtype="float64")  # fmt: skip
+            hits += one["top1"] * len(held) / 100.0
+        assert abs(row["top1"] - 100.0 * hits / 400) <= 0.5  # warm-started path vs cold fits: same convex optimum
+    best = max(result["val"], key=lambda r: (r["top1"], r["l2"]))
+    assert result["l2"] == best["l2"]
+    single = fit_linear_probe(train_x, train_y, test_x, test_y, l2=result["l2"], dtype="float64")
+    assert single["top1"] == result["top1"]  # the chosen value refitted on all the training features
+    again = fit_linear_probe(train_x, train_y, test_x, test_y, l2=l2s, folds=4, seed=3, dtype="float64")
+    assert again["val"] == result["val"]
+    other = fit_linear_probe(train_x, train_y, test_x, test_y, l2=l2s, folds=4, seed=4, dtype="float64")
+    assert other["val"] != result["val"]  # the seed draws the folds
+    probe = FastLinearProbe(l2=l2s, folds=4, seed=3, dtype="float64")
+    assert probe.run(train_x, train_y, test_x, test_y)["val"] == result["val"]
+    assert probe.settings() == {"l2": l2s, "val_fraction": None, "folds": 4, "max_iter": 500, "dtype": "float64"}
+    assert FastLinearProbe().settings()["val_fraction"] == 0.1  # one held-out tenth unless folds are asked for
+
+
+def test_fold_options_are_checked():
+    x, y = gaussian_classes(6, 60, 3, 5, separation=2.0)
+    with pytest.raises(OptionError, match="val_fraction.*folds=5"):
+        fit_linear_probe(x[:40], y[:40], x[40:], y[40:], val_fraction=0.2, folds=5)
+    with pytest.raises(OptionError, match="val_fraction"):
+        FastLinearProbe(val_fraction=0.1, folds=3)
+    with pytest.raises(OptionError, match="folds"):
+        FastLinearProbe(folds=0)
+    with pytest.raises(ValueError, match="folds 50 need at least 50"):
+        fit_linear_probe(x[:40], y[:40], x[40:], y[40:], l2=[0.1, 1.0], folds=50)
+    # a single l2 needs no choice: folds change nothing
+    one = fit_linear_probe(x[:40], y[:40], x[40:], y[40:], l2=0.1, folds=5)
+    assert one["val"] == [] and one["top1"] == fit_linear_probe(x[:40], y[:40], x[40:], y[40:], l2=0.1)["top1"]
+
+
 def test_guards_and_protocol():
     x, y = gaussian_classes(4, 200, 3, 5, separation=2.0)
     with pytest.raises(ValueError, match="never occur"):

@@ -161,6 +161,7 @@ def _error(args: list[str]) -> str:
 
 def test_bad_input_is_one_clear_line(trained, demo_mds, tmp_path):
     knn = [str(EVAL / "knn.yaml"), *_quick("knn", demo_mds, tmp_path, trained["checkpoint"])]
+    fast = [str(EVAL / "linear-fast.yaml"), *_quick("linear-fast", demo_mds, tmp_path, trained["checkpoint"])]
     not_encoder = tmp_path / "classifier.pt"
     torch.save({"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, not_encoder)
     unlabelled, half = tmp_path / "unlabelled", tmp_path / "half"
@@ -183,6 +184,8 @@ def test_bad_input_is_one_clear_line(trained, demo_mds, tmp_path):
         (["knn", *knn, f"output={existing}"], "already exists"),
         (["knn", *knn, "knn.k=[0]"], "knn.k"),
         (["knn", *knn, "features.pool=max"], "features.pool"),
+        (["linear-fast", *fast, "linear_fast.folds=5"], "linear_fast.val_fraction: 0.1 holds out one share"),
+        (["linear-fast", *fast, "linear_fast.folds=0"], "linear_fast.folds"),
     ]
     for args, expected in cases:
         line = _error(args)

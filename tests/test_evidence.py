@@ -142,6 +142,48 @@ def test_second_run_recomputes_nothing(matrix, tiny_recipes, demo_mds, capsys):
     assert "another recipe or evaluation" in capsys.readouterr().err
 
 
+def test_reevaluate_scores_the_saved_encoders_with_a_new_evaluation(matrix, tiny_recipes, demo_mds, tmp_path, capsys):
+    out, _ = matrix
+    copy = tmp_path / "out"
+    shutil.copytree(out / "cells", copy / "cells")  # the records point at the original folder's saved encoders
+    before = _records(copy)
+    base = ["run", "--recipes", str(tiny_recipes), "--data", str(demo_mds), "--out", str(copy),
+            "--methods", "mae,mu-mae", "--seeds", "0,1", "--eval-set", "linear_fast.folds=3"]  # fmt: skip
+    # another evaluation of the same training: refused, with the way out named
+    assert evidence.main(base) == 2
+    assert "add --reevaluate" in capsys.readouterr().err
+    assert evidence.main([*base, "--reevaluate", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 already done, 4 to evaluate again, 0 to run" in printed and "would evaluate mae-s0.json" in printed
+    assert _records(copy) == before
+    assert evidence.main([*base, "--reevaluate"]) == 0
+    assert "evaluating the saved encoders again" in capsys.readouterr().out
+    after = _records(copy)
+    for key, old in before.items():
+        new = after[key]
+        assert new["evaluation"]["linear_fast"]["folds"] == 3 and "folds" not in old["evaluation"]["linear_fast"]
+        assert new["reevaluated"]["fingerprint"] == old["fingerprint"] != new["fingerprint"]
+        assert new["reevaluated"]["evaluation"] == old["evaluation"]
+        for field in ("recipe", "losses", "steps", "encoders", "git"):
+            assert new[field] == old[field], field  # the training is kept
+        assert new["seconds"]["train"] == old["seconds"]["train"]
+        for which in ("init", "trained"):  # the same encoders: kNN on their features is unchanged
+            for pool in ("cls", "mean"):
+                assert new["results"][which][pool]["knn"] == old["results"][which][pool]["knn"]
+    # now current: nothing left to do
+    assert evidence.main(base) == 0
+    assert "4 already done, 0 to run" in capsys.readouterr().out
+    # another training is never re-evaluated, only refused
+    assert evidence.main([*base, "--reevaluate", "--set", "max_duration=5ba"]) == 2
+    assert "delete the record to recompute" in capsys.readouterr().err
+    # a record whose encoder is gone: named before anything runs
+    record = json.loads((copy / "cells" / "mae-s1.json").read_text())
+    record["encoders"]["init"] = str(tmp_path / "gone.pt")
+    (copy / "cells" / "mae-s1.json").write_text(json.dumps(record))
+    assert evidence.main([*base[:-1], "linear_fast.folds=2", "--reevaluate"]) == 2
+    assert "gone.pt is missing" in capsys.readouterr().err
+
+
 def _hand_summary(records: dict, figure: tuple[str, str]) -> dict:
     pool, kind = figure
 

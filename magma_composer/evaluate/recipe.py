@@ -301,6 +301,15 @@ def _feature_protocol(protocol: str, cfg: EvalConfig, encoder: Any, data: Any, d
 
     options = build_section("features", FeatureOptions, precision=cfg.precision, **cfg.features)
     torch_device = "cuda" if device == "gpu" else "cpu"
+    # the protocol's options are checked before the features are extracted: a bad value fails in seconds
+    if protocol == "knn":
+        from magma_composer.evaluate.knn import KNNProtocol
+
+        runner = build_section("knn", KNNProtocol, **cfg.knn)
+    else:
+        from magma_composer.evaluate.linear import FastLinearProbe
+
+        runner = build_section("linear_fast", FastLinearProbe, **cfg.linear_fast)
     info, splits = {}, []
     for section in ("train_data", "test_data"):
         # the evaluation transform on both splits; indices let several ranks' features be put back in order
@@ -318,16 +327,8 @@ def _feature_protocol(protocol: str, cfg: EvalConfig, encoder: Any, data: Any, d
         splits.append((x, y))
         info[section] = {**getattr(cfg, section), "samples": len(y), "classes": int(y.unique().numel())}
     (train_x, train_y), (test_x, test_y) = splits
-    if protocol == "knn":
-        from magma_composer.evaluate.knn import KNNProtocol
-
-        runner = build_section("knn", KNNProtocol, **cfg.knn)
-        metrics = build_section("knn", runner.run, train_x, train_y, test_x, test_y, device=torch_device)
-    else:
-        from magma_composer.evaluate.linear import FastLinearProbe
-
-        runner = build_section("linear_fast", FastLinearProbe, **cfg.linear_fast)
-        metrics = build_section("linear_fast", runner.run, train_x, train_y, test_x, test_y, device=torch_device)
+    section = "knn" if protocol == "knn" else "linear_fast"
+    metrics = build_section(section, runner.run, train_x, train_y, test_x, test_y, device=torch_device)
     metrics = {**metrics, "pool": options.pool, "feature_dim": int(train_x.shape[1])}
     return metrics, info
 
