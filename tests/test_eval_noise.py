@@ -30,13 +30,13 @@ def test_gains_per_draw_equal_a_direct_computation(encoders, demo_mds, tmp_path,
 
     cache = str(tmp_path / "cache")
     args = ["--init", encoders[0], "--trained", encoders[1], "--data", str(demo_mds), "--cache", cache,
-            "--protocol", "heldout", "--protocol", "l2=1e-3", "--protocol", "folds=3", "--protocol", "knn",
+            "--protocol", "heldout", "--protocol", "l2=1e-3", "--protocol", "knn",
             "--pool", "mean", "--pool", "cls", "--draws", "3", "--train-samples", "100",
             "--test-samples", "40", "--test-samples", "0"]  # fmt: skip
     assert noise.main(args) == 0
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if "test images:" in line]
-    assert len(lines) == 2 * 4 * 2  # pools x protocols x test sizes
+    assert len(lines) == 2 * 3 * 2  # pools x protocols x test sizes
     # draw 1, l2 = 1e-3, mean pool, all 80 test images, by hand from the cached features
     feats = {tag: noise.features(path, None, str(demo_mds), ["mean"], cache) for tag, path in
              zip(("init", "trained"), encoders)}  # fmt: skip
@@ -59,6 +59,7 @@ def test_bad_arguments_are_one_line(encoders, demo_mds, tmp_path, capsys):
     cases = [
         (["--protocol", "bogus"], "not a protocol"),
         (["--protocol", "l2=-1"], "--protocol l2=-1"),
+        (["--protocol", "folds=0"], "--protocol folds=0"),
         (["--pool", "max"], "--pool: 'max'"),
         (["--draws", "1"], "at least 2 draws"),
         (["--train-samples", "1000"], "the training split has 160 images"),  # the last one given counts
