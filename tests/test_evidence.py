@@ -258,9 +258,12 @@ def test_one_seed_has_no_interval():
         (["run", "--eval-set", "knn.k=[0]"], "knn.k"),
         # a recipe that cannot build fails before the first cell, not when its own cell comes up
         (["run", "--methods", "mae,mu-mae", "--set", "model.encoder.depth=6"], "reference_layers=10 is out of range"),
-        # the preset's 5,000 test images are more than the 80 of this split: refused before any training
+        # the preset's 10,000 training images are more than the 160 of this split: refused before any training
         (["run"], "evaluation train_data.max_samples: 10000 is more than the 160 images"),
-        (["run", "--eval-set", "train_data.max_samples=100"], "evaluation test_data.max_samples: 5000 is more than"),
+        (
+            ["run", "--eval-set", "train_data.max_samples=100", "--eval-set", "test_data.max_samples=5000"],
+            "evaluation test_data.max_samples: 5000 is more than",
+        ),
     ],
 )
 def test_bad_run_arguments_are_named(args, message, demo_mds, tmp_path, capsys):
