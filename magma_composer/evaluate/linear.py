@@ -166,7 +166,8 @@ def fit_linear_probe(
         if folds >= 2:
             if len(train_x) < folds:
                 raise ValueError(f"folds {folds} need at least {folds} training samples, got {len(train_x)}")
-            held_out = list(order.chunk(folds))
+            parts = order.chunk(folds)
+            splits = [(torch.cat(parts[:k] + parts[k + 1 :]), part) for k, part in enumerate(parts)]
         else:
             n_val = int(round(val_fraction * len(train_x)))
             if n_val < 1 or n_val >= len(train_x):
@@ -174,11 +175,10 @@ def fit_linear_probe(
                     f"val_fraction {val_fraction} of {len(train_x)} training samples leaves {n_val} to choose l2 "
                     "with and the rest to fit: give one l2 value or more samples"
                 )
-            held_out = [order[:n_val]]
+            splits = [(order[n_val:], order[:n_val])]
         correct = {value: 0 for value in l2s}
         its_sum = {value: 0 for value in l2s}
-        for k, val_idx in enumerate(held_out):
-            fit_idx = torch.cat([part for j, part in enumerate(held_out) if j != k]) if folds >= 2 else order[n_val:]
+        for fit_idx, val_idx in splits:
             fit_x, val_x = _standardise(train_x[fit_idx], train_x[val_idx])
             init = None
             for value in sorted(l2s, reverse=True):  # strong to weak decay: each fit warm-starts the next
@@ -186,7 +186,7 @@ def fit_linear_probe(
                 init = (w, b)
                 correct[value] += int(((val_x @ w + b).argmax(1) == train_y[val_idx]).sum())
                 its_sum[value] += its
-        scored = sum(len(v) for v in held_out)
+        scored = sum(len(val_idx) for _, val_idx in splits)
         for value in sorted(l2s, reverse=True):
             val.append({"l2": value, "top1": 100.0 * correct[value] / scored, "iterations": its_sum[value]})
         chosen = max(val, key=lambda r: (r["top1"], r["l2"]))["l2"]
